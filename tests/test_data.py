@@ -1,0 +1,123 @@
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+from conftest import SHARED_EUROSAT
+
+
+def make_folder(root, classes=("Forest", "River", "SeaLake"), per_class=4, size=8):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        os.makedirs(root / name)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size, size, 3)).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{name}_{i + 1}.png")  # lossless: exact pixels
+    return root
+
+
+def test_split_bounds_match_the_experiments_sizes():
+    assert [data.split_bounds(27_000, s) for s in data.SPLITS] == [(0, 21_600), (21_600, 24_300), (24_300, 27_000)]
+
+
+@pytest.mark.parametrize("count,processes", [(21_600, 4), (2_700, 4), (10, 3), (2, 3)])
+def test_process_slices_are_contiguous_disjoint_and_complete(count, processes):
+    slices = [data.process_slice(5, 5 + count, i, processes) for i in range(processes)]
+    assert slices[0][0] == 5 and slices[-1][1] == 5 + count
+    assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
+    sizes = [stop - start for start, stop in slices]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_pad_and_shard_pads_with_a_zero_mask():
+    split = data.Split(np.arange(5 * 2 * 2 * 3, dtype=np.uint8).reshape(5, 2, 2, 3), np.arange(5, dtype=np.int32))
+    images, labels, mask = data.pad_and_shard(split, devices=4, per_device=2)
+    assert images.shape == (4, 2, 2, 2, 3) and labels.shape == mask.shape == (4, 2)
+    np.testing.assert_array_equal(mask.reshape(-1), [1, 1, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(labels.reshape(-1)[:5], np.arange(5))
+    np.testing.assert_array_equal(images.reshape(8, 2, 2, 3)[:5], split.images)
+
+
+def test_synthetic_is_deterministic_balanced_and_split_per_process():
+    a = data.synthetic_dataset(200, 8)
+    np.testing.assert_array_equal(a.images, data.synthetic_dataset(200, 8).images)
+    assert a.images.shape == (200, 8, 8, 3) and a.images.dtype == np.uint8
+    assert np.bincount(a.labels).tolist() == [20] * 10
+    parts = [data.load_synthetic("train", 200, 8, i, 3) for i in range(3)]
+    np.testing.assert_array_equal(np.concatenate([p.labels for p in parts]), a.labels[:160])
+
+
+def test_folder_source_splits_80_10_10_without_overlap_and_keeps_pixels(tmp_path):
+    root = make_folder(tmp_path, per_class=10)
+    splits = {s: data.load_folder(str(root), s, 0, 1) for s in data.SPLITS}
+    assert [len(splits[s].labels) for s in data.SPLITS] == [24, 3, 3]
+    everything = np.concatenate([splits[s].images for s in data.SPLITS])
+    assert len({image.tobytes() for image in everything}) == 30  # each image in exactly one split
+    classes, paths, labels = data.list_folder(str(root))
+    assert classes == ["Forest", "River", "SeaLake"]
+    by_pixels = {np.asarray(Image.open(p)).tobytes(): label for p, label in zip(paths, labels)}
+    for s in data.SPLITS:
+        for image, label in zip(splits[s].images, splits[s].labels):
+            assert by_pixels[image.tobytes()] == label
+    halves = [data.load_folder(str(root), "train", i, 2) for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([h.images for h in halves]), splits["train"].images)
+    assert len(data.load_folder(str(root), "train", 0, 1, train_examples=7).labels) == 7
+
+
+@pytest.mark.parametrize("breakage,message", [
+    ("missing", "does not exist"),
+    ("no_classes", "no class sub-folders"),
+    ("empty_class", "has no images"),
+    ("corrupt", "cannot read image .*River_2.png"),
+    ("grey", "River_2.png is L"),
+    ("other_size", "River_2.png differs in size"),
+    ("stray_file", "notes.txt is not an image"),
+])
+def test_bad_folders_raise_a_message_naming_the_problem(tmp_path, breakage, message):
+    root = tmp_path / "eurosat"
+    if breakage == "no_classes":
+        os.makedirs(root)
+    elif breakage != "missing":
+        make_folder(root)
+        broken = root / "River" / "River_2.png"
+        if breakage == "empty_class":
+            os.makedirs(root / "Highway")
+        elif breakage == "corrupt":
+            broken.write_bytes(b"not a png")
+        elif breakage == "grey":
+            Image.new("L", (8, 8)).save(broken)
+        elif breakage == "other_size":
+            Image.new("RGB", (9, 9)).save(broken)
+        else:
+            (root / "River" / "notes.txt").write_text("hello")
+    with pytest.raises(data.DataError, match=message):
+        for split in data.SPLITS:
+            data.load_folder(str(root), split, 0, 1)
+
+
+def test_tfds_source_through_mock_data(monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(data, "check_download_possible", lambda *args: None)  # mock_data never downloads
+    with tfds.testing.mock_data(num_examples=12):
+        split = data.load_tfds("train", None, None, 0, 1)
+    assert split.images.shape == (12, 64, 64, 3) and split.images.dtype == np.uint8
+    assert split.labels.dtype == np.int32 and 0 <= split.labels.min() and split.labels.max() < 10
+
+
+def test_tfds_without_data_or_network_fails_fast_with_instructions(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(data.DataError, match="--manual-dir .* holds no EuroSAT.zip"):
+        data.load_tfds("train", str(tmp_path / "tfds"), str(tmp_path), 0, 1)
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_EUROSAT), reason="real EuroSAT images not present")
+def test_real_eurosat_folder_has_the_documented_classes_and_counts():
+    classes, paths, labels = data.list_folder(SHARED_EUROSAT)
+    assert len(paths) == 27_000
+    assert dict(zip(classes, np.bincount(labels).tolist())) == {
+        "AnnualCrop": 3000, "Forest": 3000, "HerbaceousVegetation": 3000, "Highway": 2500, "Industrial": 2500,
+        "Pasture": 2000, "PermanentCrop": 2500, "Residential": 3000, "River": 2500, "SeaLake": 3000}
+    split = data.load_folder(SHARED_EUROSAT, "validation", 0, 10)  # one tenth of validation: 270 images
+    assert split.images.shape == (270, 64, 64, 3) and split.images.dtype == np.uint8
