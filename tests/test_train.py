@@ -1,0 +1,206 @@
+import functools
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import data
+import train
+from conftest import ROOT
+from helpers import SMALL, read_metrics, run_train
+from model import ConvNet
+
+
+def small_problem(n, seed=0):
+    rng = np.random.default_rng(seed)
+    split = data.Split(rng.integers(0, 256, (n, 8, 8, 3)).astype(np.uint8), rng.integers(0, 10, n).astype(np.int32))
+    model = ConvNet(channels=(4, 8), dense=8)
+    return split, model, model.init(jax.random.PRNGKey(seed), split.images[:1])["params"]
+
+
+def reference_loss_grads_correct(model, params, split):
+    def mean_loss(p):
+        logits = model.apply({"params": p}, split.images)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, split.labels).mean()
+    loss, grads = jax.value_and_grad(mean_loss)(params)
+    correct = int((np.argmax(model.apply({"params": params}, split.images), -1) == split.labels).sum())
+    return loss, grads, correct
+
+
+@pytest.mark.parametrize("microbatch", [0, 1, 3])
+def test_padded_sharded_step_equals_the_unpadded_single_device_computation(microbatch):
+    split, model, params = small_problem(13)  # 13 examples over 8 devices: 3 padding slots
+    loss, grads, correct = reference_loss_grads_correct(model, params, split)
+    state = flax.jax_utils.replicate(train.create_state(model, optax.sgd(1.0), 0, (8, 8, 3)))
+    state = state.replace(params=flax.jax_utils.replicate(params))
+    batch = train.on_devices(*data.pad_and_shard(split, 8, 2))  # (8, 2, ...)
+    step = jax.pmap(functools.partial(train.train_step, example_count=13.0, microbatch=microbatch),
+                    axis_name=train.AXIS)
+    new_state, step_loss = step(state, *batch)
+    np.testing.assert_allclose(np.asarray(step_loss), float(loss), rtol=1e-5)  # same on every device
+    # Plain SGD with rate 1: new = old - grad, so the applied gradient is old - new.
+    applied = jax.tree.map(lambda old, new: old - new[0], params, new_state.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), applied, grads)
+    evaluate = jax.pmap(functools.partial(train.correct_count, apply_fn=model.apply, chunk=microbatch),
+                        axis_name=train.AXIS, static_broadcasted_argnums=4)
+    assert int(evaluate(state.params, *batch, 1)[0]) == correct
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 4, 5, 9])
+def test_summing_over_chunks_equals_summing_at_once(chunk):
+    values = jnp.arange(9.0 * 2).reshape(9, 2)
+    weights = jnp.arange(9.0)
+
+    def sums(v, w):
+        return {"weighted": jnp.sum(v * w[:, None], 0), "count": jnp.sum(w > 3)}
+    got = train.summed_over_chunks(sums, (values, weights), chunk)
+    np.testing.assert_allclose(got["weighted"], np.sum(np.asarray(values) * np.arange(9.0)[:, None], 0))
+    assert int(got["count"]) == 5
+
+
+def test_end_to_end_synthetic_run_learns_and_writes_metrics_and_params(tmp_path):
+    out = tmp_path / "run"
+    result = run_train([*SMALL, "--synthetic-examples", "500", "--inner-steps", "10", "--outer-steps", "4",
+                        "--optimiser", "adam", "--learning-rate", "0.01", "--output-dir", str(out), "--eval-test"])
+    header, records, summary = read_metrics(out)
+    assert header["train_examples"] == 400 and header["validation_examples"] == 50
+    assert header["examples_per_step"] == 3200 and header["devices"] == 8
+    assert [r["step"] for r in records] == [10, 20, 30, 40]
+    assert summary["best"]["validation_accuracy"] >= 0.5  # chance is 0.1
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert 0 <= summary["test_accuracy"] <= 1
+    assert result.stdout.count("\nouter ") + result.stdout.startswith("outer ") == 4
+    # The saved params are the best ones: they give the best validation accuracy again.
+    model = ConvNet(channels=(8, 16), dense=16)
+    template = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3), jnp.uint8))["params"]
+    params = flax.serialization.from_bytes(template, (out / "best_params.msgpack").read_bytes())
+    validation = data.load_synthetic("validation", 500, 16, 0, 1)
+    predictions = np.argmax(model.apply({"params": params}, validation.images), -1)
+    assert (predictions == validation.labels).mean() == summary["best"]["validation_accuracy"]
+
+
+def test_compiled_and_python_inner_loops_agree(tmp_path):
+    losses = {}
+    for mode in ("compiled", "python"):
+        train.main([*SMALL, "--synthetic-examples", "300", "--inner-steps", "3", "--outer-steps", "2",
+                    "--inner-loop", mode, "--output-dir", str(tmp_path / mode)])
+        losses[mode] = [r["loss"] for r in read_metrics(tmp_path / mode)[1]]
+    np.testing.assert_allclose(losses["compiled"], losses["python"], rtol=1e-5)
+
+
+def test_training_is_the_same_on_one_and_on_eight_devices(tmp_path):
+    """Each optimiser, 4 updates of a 101-example batch (8 devices: padded), in two fresh processes."""
+    script = (
+        "import os, sys, train\n"
+        "for opt in ('lamb', 'adam', 'sgd'):\n"
+        "    train.main(sys.argv[1:] + ['--optimiser', opt, '--output-dir', os.environ['OUT'] + opt])\n")
+    args = [*SMALL, "--synthetic-examples", "126", "--no-augment", "--inner-steps", "2", "--outer-steps", "2",
+            "--inner-loop", "compiled", "--learning-rate", "0.05"]
+    outputs = {devices: str(tmp_path / f"d{devices}-") for devices in (1, 8)}
+    for devices, prefix in outputs.items():
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                   OUT=prefix)
+        subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=ROOT, check=True, capture_output=True,
+                       timeout=300)
+    for opt in ("lamb", "adam", "sgd"):
+        one, eight = (read_metrics(outputs[d] + opt) for d in (1, 8))
+        assert one[0]["devices"] == 1 and eight[0]["devices"] == 8
+        assert one[0]["train_examples"] == eight[0]["train_examples"] == 101
+        np.testing.assert_allclose([r["loss"] for r in one[1]], [r["loss"] for r in eight[1]], rtol=1e-5)
+        assert [r["validation_accuracy"] for r in one[1]] == [r["validation_accuracy"] for r in eight[1]]
+        params = [open(os.path.join(outputs[d] + opt, "best_params.msgpack"), "rb").read() for d in (1, 8)]
+        trees = [flax.serialization.msgpack_restore(p) for p in params]
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *trees)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
+    args = [*SMALL, "--synthetic-examples", "250", "--inner-steps", "3", "--outer-steps", "2"]
+    run_train([*args, "--output-dir", str(tmp_path / "single")])
+    port = free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    processes = [subprocess.Popen(
+        [sys.executable, "train.py", *args, "--output-dir", str(tmp_path / "multi"),
+         "--coordinator-address", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert "outer 2/2" in outputs[0][0] and "outer" not in outputs[1][0]  # process 0 alone reports
+    single, multi = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "multi")
+    assert multi[0]["processes"] == 2 and multi[0]["train_examples"] == single[0]["train_examples"] == 200
+    np.testing.assert_allclose([r["loss"] for r in multi[1]], [r["loss"] for r in single[1]], rtol=1e-5)
+    for key in ("train_accuracy", "validation_accuracy"):
+        assert [r[key] for r in multi[1]] == [r[key] for r in single[1]]
+
+
+def make_images(root, corrupt=False):
+    from PIL import Image
+    for name in ("Forest", "River"):
+        os.makedirs(root / name)
+        for i in range(10):
+            Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(root / name / f"{name}_{i}.jpg")
+    if corrupt:
+        (root / "River" / "River_3.jpg").write_bytes(b"\xff\xd8 truncated")
+    return root
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--optimiser", "rmsprop"], "argument --optimiser: invalid choice: 'rmsprop'"),
+    (["--learning-rate", "0"], "--learning-rate must be positive, got 0.0"),
+    (["--learning-rate=-1e-3"], "--learning-rate must be positive"),
+    (["--inner-steps", "0"], "--inner-steps must be positive, got 0"),
+    (["--outer-steps=-2"], "--outer-steps must be positive, got -2"),
+    (["--momentum", "1.5"], "--momentum must be in [0, 1)"),
+    (["--channels", "8,x"], "--channels '8,x' is not a comma-separated list"),
+    (["--num-processes", "2"], "go together"),
+    (["--coordinator-address", "h:1", "--num-processes", "2", "--process-id", "2"], "--process-id 2 is outside 0..1"),
+    (["--dataset", "folder"], "--dataset folder needs --data-dir"),
+    (["--dataset", "folder", "--data-dir", "/no/such/folder"], "data folder /no/such/folder does not exist"),
+    (["--dataset", "folder", "--data-dir", "{empty}"], "has no class sub-folders"),
+    (["--dataset", "folder", "--data-dir", "{corrupt}"], "cannot read image .*River_3.jpg"),
+    (["--output-dir", "{file}"], "exists and is not a folder"),
+    ([*SMALL, "--train-examples", "100000"], "--train-examples 100000 is outside 1..1600"),
+])
+def test_bad_input_exits_non_zero_with_one_line_naming_the_problem(tmp_path, capsys, argv, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("")
+    make_images(tmp_path / "corrupt", corrupt=True)
+    argv = [a.format(empty=tmp_path / "empty", corrupt=tmp_path / "corrupt", file=tmp_path / "file") for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv + ["--inner-steps", "1"] * ("--inner-steps" not in argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error: ")
+    assert re.search(message if "*" in message else re.escape(message), err[0]), err[0]
+
+
+def test_missing_eurosat_stops_with_instructions_and_no_traceback(tmp_path):
+    result = run_train(["--data-dir", str(tmp_path / "tfds"), "--manual-dir", str(tmp_path)], check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "holds no EuroSAT.zip" in result.stderr and "--dataset folder" in result.stderr
+
+
+def test_help_documents_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--optimiser", "--learning-rate", "--weight-decay", "--momentum", "--inner-steps", "--outer-steps",
+                 "--seed", "--dataset", "--data-dir", "--manual-dir", "--no-augment", "--channels", "--dense",
+                 "--target-accuracy", "--train-examples", "--output-dir", "--eval-test", "--microbatch",
+                 "--coordinator-address", "--num-processes", "--process-id", "--inner-loop", "--dtype"):
+        assert flag in text
+    assert "(default: 100)" in text and "(default: lamb)" in text
