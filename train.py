@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+from typing import Callable, NamedTuple
 
 import xla_setup  # noqa: F401  (must come before jax starts its backend)
 
@@ -33,6 +34,10 @@ class UsageError(Exception):
     """A flag value that cannot work; its message names the flag."""
 
 
+class Diverged(Exception):
+    """The loss became NaN or infinite; the best params so far are kept."""
+
+
 # ----------------------------------------------------------------------------- flags
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"peak learning rate; default per optimiser {DEFAULT_LEARNING_RATES}")
     add("--weight-decay", type=float, default=0.0, help="decoupled weight decay (lamb; adam becomes adamw)")
     add("--momentum", type=float, default=0.9, help="sgd momentum")
+    add("--schedule", choices=SCHEDULES, default="constant",
+        help="learning-rate shape: constant, or linear warmup then cosine or linear decay to 0 at the last step")
+    add("--warmup-steps", type=int, default=0, help="warmup steps of the warmup_* schedules")
     add("--inner-steps", type=int, default=100, help="update steps between validation checks")
     add("--outer-steps", type=int, default=13, help="validation checks (outer loops)")
     add("--inner-loop", choices=["auto", "compiled", "python"], default="auto",
@@ -107,6 +115,9 @@ def check_args(args) -> None:
         raise UsageError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if not 0 <= args.momentum < 1:
         raise UsageError(f"--momentum must be in [0, 1), got {args.momentum}")
+    if not 0 <= args.warmup_steps < args.inner_steps * args.outer_steps:
+        raise UsageError(f"--warmup-steps must be in [0, total steps {args.inner_steps * args.outer_steps}), "
+                         f"got {args.warmup_steps}")
     if args.microbatch < 0:
         raise UsageError(f"--microbatch must be >= 0 (0 = automatic), got {args.microbatch}")
     if not 0 < args.target_accuracy <= 1:
@@ -127,12 +138,37 @@ def check_args(args) -> None:
 
 # ----------------------------------------------------------------------------- model and optimiser
 
-def make_optimiser(name: str, learning_rate: float, weight_decay: float, momentum: float):
-    if name == "lamb":
-        return optax.lamb(learning_rate, weight_decay=weight_decay)
-    if name == "adam":
-        return optax.adamw(learning_rate, weight_decay=weight_decay) if weight_decay else optax.adam(learning_rate)
-    return optax.sgd(learning_rate, momentum=momentum)
+SCHEDULES = ("constant", "warmup_cosine", "warmup_linear")
+
+
+def schedule_shape(name: str, warmup_steps: int, total_steps: int):
+    """The learning rate's shape over the run, peaking at 1; the peak rate multiplies it."""
+    if name == "constant":
+        return optax.constant_schedule(1.0)
+    if name == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps, total_steps, end_value=0.0)
+    return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup_steps),
+                                 optax.linear_schedule(1.0, 0.0, total_steps - warmup_steps)], [warmup_steps])
+
+
+def make_optimiser(name: str, schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 1):
+    """optax lamb / adamw / sgd+momentum with every rate and coefficient in the optimiser state.
+
+    Holding them as state (inject_hyperparams), not constants, lets one compiled step serve every
+    learning rate, weight decay and momentum of a sweep. Set them with `with_hyperparams`.
+    """
+    factory = {"lamb": optax.lamb, "adam": optax.adamw, "sgd": optax.sgd}[name]
+    coefficient = {"sgd": {"momentum": 0.0}}.get(name, {"weight_decay": 0.0})
+    base = optax.inject_hyperparams(factory)(learning_rate=0.0, **coefficient)
+    return optax.chain(base, optax.scale_by_schedule(schedule_shape(schedule, warmup_steps, total_steps)))
+
+
+def with_hyperparams(state: TrainState, args) -> TrainState:
+    """Sets the run's peak rate and its optimiser's coefficient in the (unreplicated) optimiser state."""
+    injected = state.opt_state[0]
+    values = {"learning_rate": args.learning_rate, "weight_decay": args.weight_decay, "momentum": args.momentum}
+    hyperparams = {k: jnp.asarray(values[k], v.dtype) if k in values else v for k, v in injected.hyperparams.items()}
+    return state.replace(opt_state=(injected._replace(hyperparams=hyperparams), *state.opt_state[1:]))
 
 
 def create_state(model, optimiser, seed: int, image_shape) -> TrainState:
@@ -270,32 +306,43 @@ def write_params(path: str, params) -> None:
 
 # ----------------------------------------------------------------------------- the run
 
-def run(args) -> dict:
-    init_distributed(args)
-    is_main = jax.process_index() == 0
-    log = functools.partial(print, flush=True) if is_main else (lambda *a, **k: None)
-    backend = jax.default_backend()
-    inner_mode = args.inner_loop if args.inner_loop != "auto" else ("python" if backend == "cpu" else "compiled")
-    log(f"jax {jax.__version__} {backend}: {jax.process_count()} process(es), {jax.device_count()} devices "
-        f"({jax.local_device_count()} local: {jax.local_devices()[0].device_kind})")
+class Prepared(NamedTuple):
+    """What every run of a process shares: the data on the devices and its counts."""
+    train_data: tuple  # images (devices, per_device, H, W, C) uint8, labels, mask
+    val_data: tuple
+    train_count: int  # real examples over all hosts, before augmentation
+    val_count: int
+    stride: int  # 8 when train_data holds the dihedral forms, else 1
+    num_classes: int
+    load: Callable  # name -> this process's data.Split
+    log: Callable
 
+
+def prepare(args) -> Prepared:
+    """Start the processes, load this process's data and put it, augmented, on the devices."""
+    init_distributed(args)
+    log = functools.partial(print, flush=True) if jax.process_index() == 0 else (lambda *a, **k: None)
+    log(f"jax {jax.__version__} {jax.default_backend()}: {jax.process_count()} process(es), "
+        f"{jax.device_count()} devices ({jax.local_device_count()} local: {jax.local_devices()[0].device_kind})")
     load = functools.partial(data.load_split, args, process_index=jax.process_index(),
                              process_count=jax.process_count())
     train_data, train_count = prepare_split(load("train"), "train", not args.no_augment, log)
     val_data, val_count = prepare_split(load("validation"), "validation", False, log)
     stride = 1 if args.no_augment else augment.NUM_TRANSFORMS
-    step_examples = train_count * stride
-    image_shape = train_data[0].shape[2:]  # (H, W, C)
+    return Prepared(train_data, val_data, train_count, val_count, stride, data.num_classes(args), load, log)
 
-    model = ConvNet(args.channels, args.dense, data.num_classes(args), jnp.dtype(args.dtype))
-    optimiser = make_optimiser(args.optimiser, args.learning_rate, args.weight_decay, args.momentum)
-    state = flax.jax_utils.replicate(create_state(model, optimiser, args.seed, image_shape))
-    microbatch = choose_microbatch(args, train_data[0].shape[1], image_shape[0])
-    log(f"model: {param_count(state.params) // jax.local_device_count():,} params, {args.dtype}; "
-        f"{args.optimiser} lr {args.learning_rate:g}; inner loop {inner_mode}; "
-        f"microbatch {microbatch} of {train_data[0].shape[1]} per device")
 
-    step_kwargs = dict(example_count=float(step_examples), microbatch=microbatch)
+def build_programs(args, prepared: Prepared) -> dict:
+    """The model, optimiser and pmapped functions of a run. Runs that differ only in hyperparameter
+    values (rate, decay, momentum, seed) get equal keys, so a sweep compiles them once."""
+    inner_mode = args.inner_loop if args.inner_loop != "auto" else (
+        "python" if jax.default_backend() == "cpu" else "compiled")
+    image_shape = prepared.train_data[0].shape[2:]  # (H, W, C)
+    model = ConvNet(args.channels, args.dense, prepared.num_classes, jnp.dtype(args.dtype))
+    total_steps = args.inner_steps * args.outer_steps
+    optimiser = make_optimiser(args.optimiser, args.schedule, args.warmup_steps, total_steps)
+    microbatch = choose_microbatch(args, prepared.train_data[0].shape[1], image_shape[0])
+    step_kwargs = dict(example_count=float(prepared.train_count * prepared.stride), microbatch=microbatch)
     if inner_mode == "compiled":
         inner = jax.pmap(functools.partial(inner_loop, steps=args.inner_steps, **step_kwargs),
                          axis_name=AXIS, donate_argnums=0)
@@ -308,39 +355,70 @@ def run(args) -> dict:
             return state, loss
     evaluate = jax.pmap(functools.partial(correct_count, apply_fn=model.apply, chunk=microbatch),
                         axis_name=AXIS, static_broadcasted_argnums=4)
+    return dict(model=model, optimiser=optimiser, inner=inner, evaluate=evaluate, inner_mode=inner_mode,
+                microbatch=microbatch, image_shape=image_shape)
+
+
+def program_key(args) -> tuple:
+    return (args.optimiser, args.schedule, args.warmup_steps, args.inner_steps, args.outer_steps,
+            args.channels, args.dense, args.dtype, args.microbatch, args.inner_loop)
+
+
+def run(args, prepared: Prepared | None = None, programs_cache: dict | None = None) -> dict:
+    """One training run; a sweep passes the data and the compiled programs it shares between runs."""
+    prepared = prepared or prepare(args)
+    cache = programs_cache if programs_cache is not None else {}
+    if program_key(args) not in cache:
+        cache[program_key(args)] = build_programs(args, prepared)
+    p = cache[program_key(args)]
+    log, is_main = prepared.log, jax.process_index() == 0
+    state = create_state(p["model"], p["optimiser"], args.seed, p["image_shape"])
+    state = flax.jax_utils.replicate(with_hyperparams(state, args))
+    step_examples = prepared.train_count * prepared.stride
+    log(f"model: {param_count(state.params) // jax.local_device_count():,} params, {args.dtype}; "
+        f"{args.optimiser} lr {args.learning_rate:g} ({args.schedule}); inner loop {p['inner_mode']}; "
+        f"microbatch {p['microbatch']} of {prepared.train_data[0].shape[1]} per device")
 
     metrics_file = None
     if is_main and args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
         metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
-        header = {"config": {k: v for k, v in vars(args).items()}, "inner_loop": inner_mode,
-                  "microbatch": microbatch, "devices": jax.device_count(), "processes": jax.process_count(),
-                  "backend": backend, "train_examples": train_count, "validation_examples": val_count,
+        header = {"config": dict(vars(args)), "inner_loop": p["inner_mode"], "microbatch": p["microbatch"],
+                  "devices": jax.device_count(), "processes": jax.process_count(), "backend": jax.default_backend(),
+                  "train_examples": prepared.train_count, "validation_examples": prepared.val_count,
                   "examples_per_step": step_examples, "jax": jax.__version__}
         metrics_file.write(json.dumps(header) + "\n")
         metrics_file.flush()
 
     best = {"validation_accuracy": -1.0, "outer": None, "step": None}
-    target = None
+    best_params, target, last_finite_loss = state.params, None, None
     train_seconds, started = 0.0, time.perf_counter()
     for outer in range(1, args.outer_steps + 1):
         tick = time.perf_counter()
-        state, loss = inner(state, *train_data)
+        state, loss = p["inner"](state, *prepared.train_data)
         loss = float(loss[0])  # waits for the inner loop to finish
         inner_seconds = time.perf_counter() - tick
+        if not math.isfinite(loss):
+            if metrics_file:
+                metrics_file.write(json.dumps({"outer": outer, "diverged": True, "loss": str(loss)}) + "\n")
+                metrics_file.close()
+            raise Diverged(f"loss is {loss} after outer loop {outer} (step {outer * args.inner_steps}); last "
+                           f"finite loss {last_finite_loss}; best validation accuracy "
+                           f"{best['validation_accuracy']:.4f} at outer {best['outer']} (params kept)")
+        last_finite_loss = loss
         train_seconds += inner_seconds
-        val_accuracy = int(evaluate(state.params, *val_data, 1)[0]) / val_count
-        train_accuracy = int(evaluate(state.params, *train_data, stride)[0]) / train_count
+        val_accuracy = int(p["evaluate"](state.params, *prepared.val_data, 1)[0]) / prepared.val_count
+        train_accuracy = int(p["evaluate"](state.params, *prepared.train_data, prepared.stride)[0]) / prepared.train_count
         record = {"outer": outer, "step": outer * args.inner_steps, "loss": loss,
                   "train_accuracy": train_accuracy, "validation_accuracy": val_accuracy,
                   "inner_seconds": inner_seconds, "images_per_second": step_examples * args.inner_steps / inner_seconds,
                   "train_seconds": train_seconds, "elapsed_seconds": time.perf_counter() - started}
         if val_accuracy > best["validation_accuracy"]:
             best = {"validation_accuracy": val_accuracy, "outer": outer, "step": record["step"]}
+            best_params = jax.tree.map(jnp.copy, state.params)  # the state's own buffers are donated
             if is_main and args.output_dir:
                 write_params(os.path.join(args.output_dir, "best_params.msgpack"),
-                             jax.device_get(flax.jax_utils.unreplicate(state.params)))
-            best_params = jax.tree.map(lambda x: x.copy(), state.params)
+                             jax.device_get(flax.jax_utils.unreplicate(best_params)))
         if target is None and val_accuracy >= args.target_accuracy:
             target = {"outer": outer, "step": record["step"], "train_seconds": train_seconds,
                       "elapsed_seconds": record["elapsed_seconds"]}
@@ -364,8 +442,8 @@ def run(args) -> dict:
     else:
         log(f"did not reach validation accuracy {args.target_accuracy}; best {best['validation_accuracy']:.4f}")
     if args.eval_test:
-        test_data, test_count = prepare_split(load("test"), "test", False, log)
-        summary["test_accuracy"] = int(evaluate(best_params, *test_data, 1)[0]) / test_count
+        test_data, test_count = prepare_split(prepared.load("test"), "test", False, log)
+        summary["test_accuracy"] = int(p["evaluate"](best_params, *test_data, 1)[0]) / test_count
         log(f"test accuracy of the best params (outer {best['outer']}): {summary['test_accuracy']:.4f}")
     if metrics_file:
         metrics_file.write(json.dumps({"summary": summary}) + "\n")
@@ -379,6 +457,9 @@ def main(argv=None) -> None:
         run(args)
     except (UsageError, data.DataError) as error:
         fail(str(error))
+    except Diverged as error:
+        print(f"train.py: diverged: {error}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+import argparse
 import functools
 import os
 import re
@@ -204,3 +205,41 @@ def test_help_documents_every_flag_with_its_default(capsys):
                  "--coordinator-address", "--num-processes", "--process-id", "--inner-loop", "--dtype"):
         assert flag in text
     assert "(default: 100)" in text and "(default: lamb)" in text
+
+
+def test_a_diverging_run_stops_with_a_message_and_keeps_its_metrics(tmp_path):
+    result = run_train([*SMALL, "--synthetic-examples", "300", "--inner-steps", "5", "--outer-steps", "4",
+                        "--optimiser", "sgd", "--learning-rate", "1e8", "--output-dir", str(tmp_path)], check=False)
+    assert result.returncode == 3
+    assert "Traceback" not in result.stderr
+    message = [line for line in result.stderr.splitlines() if "diverged" in line]
+    assert len(message) == 1 and "after outer loop 1" in message[0] and "last finite loss None" in message[0]
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert '"diverged": true' in f.read().splitlines()[-1]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "warmup_cosine", "warmup_linear"])
+def test_schedules_scale_the_peak_rate_by_their_shape(schedule):
+    shape = train.schedule_shape(schedule, 10, 100)
+    values = [float(shape(step)) for step in (0, 5, 10, 55, 100)]
+    expected = {"constant": [1, 1, 1, 1, 1], "warmup_cosine": [0, 0.5, 1, 0.5, 0],
+                "warmup_linear": [0, 0.5, 1, 0.5, 0]}[schedule]
+    np.testing.assert_allclose(values, expected, atol=1e-6)
+
+
+def test_hyperparameters_live_in_the_optimiser_state_and_match_plain_optax():
+    """An injected rate gives the same update as optax's own optimiser built with that rate."""
+    split, model, params = small_problem(16)
+    grads = reference_loss_grads_correct(model, params, split)[1]
+    for name, plain in [("lamb", optax.lamb(0.01, weight_decay=0.1)), ("adam", optax.adamw(0.01, weight_decay=0.1)),
+                        ("sgd", optax.sgd(0.01, momentum=0.5))]:
+        rates = argparse.Namespace(learning_rate=0.01, weight_decay=0.1, momentum=0.5)
+        state = train.with_hyperparams(train.create_state(model, train.make_optimiser(name), 0, (8, 8, 3)), rates)
+        state = state.replace(params=params)
+        for _ in range(2):
+            state = state.apply_gradients(grads=grads)
+        expected, opt_state = params, plain.init(params)
+        for _ in range(2):
+            updates, opt_state = plain.update(grads, opt_state, expected)
+            expected = optax.apply_updates(expected, updates)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, expected)

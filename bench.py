@@ -1,0 +1,212 @@
+"""Benchmark the train step: images/s, step and compile time, achieved FLOP/s against the machine's peak.
+
+    python bench.py --batch 2048 --devices 8 --compare          # CPU, 8 emulated devices
+    python bench.py --batch 172800 --dtype bfloat16             # one GPU, the blog's batch
+
+Times the same pmapped step and inner loop train.py runs, on random uint8 images made on the devices.
+`--compare` also times a reference written the straightforward way (float32 images, the original's
+psum of per-device mean gradients, a Python loop of pmapped steps) so that speed-ups are ratios from
+one run. Prints a table; `--json PATH` also writes the figures.
+"""
+import argparse
+import functools
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=2048, help="global images per step")
+    p.add_argument("--devices", type=int, default=0, help="emulated CPU devices (0: leave the backend as is)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--channels", default="32,64,128,256")
+    p.add_argument("--dense", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--optimiser", choices=["lamb", "adam", "sgd"], default="adam")
+    p.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--inner-loop", choices=["compiled", "python", "both"], default="python")
+    p.add_argument("--microbatch", type=int, default=0, help="per device; 0: as train.py chooses")
+    p.add_argument("--compare", action="store_true", help="also time the straightforward reference step")
+    p.add_argument("--json", default=None, help="also write the figures here")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args()
+if ARGS.devices:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={ARGS.devices}").strip()
+import xla_setup  # noqa: E402,F401
+
+import flax  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import train  # noqa: E402
+from model import ConvNet  # noqa: E402
+
+
+def timed(fn, repeats):
+    """Median seconds of `fn()` over repeats (fn must block until its work is done)."""
+    times = []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tick)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype, size):
+    """Measured FLOP/s of one large square matmul on the first device."""
+    a = jax.device_put(jnp.ones((size, size), dtype), jax.devices()[0])
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    return 2 * size ** 3 / timed(lambda: matmul(a).block_until_ready(), 5)
+
+
+def flops_per_image(channels, dense, image_size, classes=10):
+    """Forward + backward FLOPs of one image, counting 2 per multiply-add.
+
+    Counted from the layer shapes rather than XLA's cost analysis, which on GPU does not see inside the
+    cuDNN convolutions (it reported 2 MFLOP there, against 83 MFLOP on CPU). The backward pass costs
+    twice the forward (input and weight gradients), except that the first conv needs no input gradient.
+    """
+    side, inputs, forward, first = image_size, 3, 0, None
+    for width in channels:
+        side = -(-side // 2)  # stride 2, SAME padding
+        layer = 2 * side * side * 9 * inputs * width
+        forward, first, inputs = forward + layer, first or layer, width
+    forward += 2 * (inputs * dense + dense * classes)
+    return 3 * forward - first
+
+
+def random_batch(per_device, image_size, float_images=False):
+    """Images, labels and mask made on each device: no host copy of a huge batch."""
+    def make(key):
+        images = jax.random.randint(key, (per_device, image_size, image_size, 3), 0, 256, jnp.int32)
+        images = images.astype(jnp.float32) / 255.0 if float_images else images.astype(jnp.uint8)
+        labels = jax.random.randint(jax.random.fold_in(key, 1), (per_device,), 0, 10, jnp.int32)
+        return images, labels, jnp.ones((per_device,), jnp.float32)
+    keys = jax.random.split(jax.random.PRNGKey(0), jax.local_device_count())
+    return jax.pmap(make)(keys)
+
+
+def reference_step(state, images, labels):
+    """The original's structure: per-device mean loss, gradient psum'd and divided by the device count."""
+    def mean_loss(params):
+        logits = state.apply_fn({"params": params}, images)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    loss, grads = jax.value_and_grad(mean_loss)(state.params)
+    grads = jax.lax.pmean(grads, train.AXIS)
+    return state.apply_gradients(grads=grads), loss
+
+
+def measure(name, run_steps, state, batch, images_per_step, steps, repeats):
+    """Compile (first call), then the median of `repeats` runs of `steps` steps."""
+    tick = time.perf_counter()
+    state, loss = run_steps(state, *batch)
+    float(loss[0])
+    compile_seconds = time.perf_counter() - tick
+
+    holder = {"state": state}
+
+    def one_repeat():
+        holder["state"], loss = run_steps(holder["state"], *batch)
+        float(loss[0])
+    seconds = timed(one_repeat, repeats)
+    return {"name": name, "images_per_second": images_per_step * steps / seconds,
+            "step_seconds": seconds / steps, "first_call_seconds": compile_seconds}
+
+
+def python_loop(step, steps):
+    def run_steps(state, *batch):
+        for _ in range(steps):
+            state, loss = step(state, *batch)
+        return state, loss
+    return run_steps
+
+
+def peak_memory():
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return {"peak_device_bytes": stats["peak_bytes_in_use"], "memory_source": "device memory_stats"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"peak_device_bytes": rss // jax.local_device_count(), "peak_process_bytes": rss,
+            "memory_source": "process max RSS / devices (CPU)"}
+
+
+def main():
+    a = ARGS
+    devices = jax.device_count()
+    if a.batch % devices:
+        sys.exit(f"bench.py: error: --batch {a.batch} does not divide over {devices} devices")
+    per_device = a.batch // devices
+    channels = tuple(int(c) for c in a.channels.split(","))
+    model = ConvNet(channels, a.dense, 10, jnp.dtype(a.dtype))
+    optimiser = train.make_optimiser(a.optimiser)
+    train_args = argparse.Namespace(microbatch=a.microbatch, dtype=a.dtype, channels=channels)
+    microbatch = train.choose_microbatch(train_args, per_device, a.image_size)
+    kind = jax.devices()[0].device_kind
+    peak_size = 4096 if jax.default_backend() == "cpu" else 16384
+    peaks = {dtype: matmul_peak(dtype, peak_size) for dtype in ("float32", "bfloat16")}
+    flops = flops_per_image(channels, a.dense, a.image_size)
+    print(f"jax {jax.__version__} {jax.default_backend()} ({kind}), {devices} devices; batch {a.batch} "
+          f"({per_device} per device, microbatch {microbatch}), {a.dtype}, {a.optimiser}; "
+          f"{flops / 1e6:.1f} MFLOP per image; matmul peak f32 {peaks['float32'] / 1e9:,.0f} GFLOP/s, "
+          f"bf16 {peaks['bfloat16'] / 1e9:,.0f} GFLOP/s (measured, one device)", flush=True)
+
+    rates = argparse.Namespace(learning_rate=1e-3, weight_decay=0.0, momentum=0.9)
+    state = train.with_hyperparams(train.create_state(model, optimiser, 0, (a.image_size,) * 2 + (3,)), rates)
+    state = flax.jax_utils.replicate(state)
+    batch = random_batch(per_device, a.image_size)
+    step_kwargs = dict(example_count=float(a.batch), microbatch=microbatch)
+    rows = []
+    modes = ["python", "compiled"] if a.inner_loop == "both" else [a.inner_loop]
+    for mode in modes:
+        if mode == "python":
+            step = jax.pmap(functools.partial(train.train_step, **step_kwargs), axis_name=train.AXIS,
+                            donate_argnums=0)
+            run_steps = python_loop(step, a.steps)
+        else:
+            run_steps = jax.pmap(functools.partial(train.inner_loop, steps=a.steps, **step_kwargs),
+                                 axis_name=train.AXIS, donate_argnums=0)
+        state_copy = jax.tree.map(jnp.copy, state)
+        rows.append(measure(f"project, {mode} loop", run_steps, state_copy, batch, a.batch, a.steps, a.repeats))
+        print(f"  {rows[-1]['name']}: {rows[-1]['images_per_second']:,.0f} img/s", flush=True)
+    if a.compare:
+        del batch
+        reference_model = ConvNet(channels, a.dense, 10, jnp.float32)
+        reference_state = flax.jax_utils.replicate(train.with_hyperparams(
+            train.create_state(reference_model, optimiser, 0, (a.image_size,) * 2 + (3,)), rates))
+        images, labels, _ = random_batch(per_device, a.image_size, float_images=True)
+        step = jax.pmap(reference_step, axis_name=train.AXIS, donate_argnums=0)
+        rows.append(measure("reference (float32 images, python loop)", python_loop(step, a.steps),
+                            reference_state, (images, labels), a.batch, a.steps, a.repeats))
+    peak = peaks["bfloat16" if a.dtype == "bfloat16" else "float32"]
+    baseline = rows[-1]["images_per_second"] if a.compare else None
+    print(f"{'step':42s} {'img/s':>12s} {'step s':>9s} {'1st call s':>10s} {'GFLOP/s':>9s} {'of peak':>8s}"
+          + ("  speed-up" if baseline else ""))
+    for row in rows:
+        row["flops_per_second"] = row["images_per_second"] * flops
+        row["share_of_peak"] = row["flops_per_second"] / peak
+        print(f"{row['name']:42s} {row['images_per_second']:12,.0f} {row['step_seconds']:9.3f} "
+              f"{row['first_call_seconds']:10.1f} {row['flops_per_second'] / 1e9:9,.1f} {row['share_of_peak']:8.1%}"
+              + (f"  {row['images_per_second'] / baseline:7.2f}x" if baseline else ""))
+    memory = peak_memory()
+    print(f"peak memory per device: {memory['peak_device_bytes'] / 2 ** 30:.2f} GiB ({memory['memory_source']})")
+    result = {"config": vars(a), "backend": jax.default_backend(), "device_kind": kind, "devices": devices,
+              "microbatch": microbatch, "flops_per_image": flops, "matmul_peak_flops": peaks, "rows": rows,
+              **memory}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

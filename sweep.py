@@ -1,0 +1,241 @@
+"""Compare optimisers: a grid of train.py runs in one process, sharing the data and the compiled step.
+
+    python sweep.py --optimisers lamb,adam,sgd --learning-rates 1e-3,3e-3,1e-2 --seeds 0,1,2 \
+        --output-dir runs/sweep [any train.py flag, held fixed]
+
+The data is loaded and augmented once and stays on the devices; rates, weight decays and momenta live
+in the optimiser state, so each optimiser's step compiles once for the whole grid. Every run writes
+`<output-dir>/<run>/metrics.jsonl`; the sweep writes `leaderboard.md`, `leaderboard.csv`, `curves.png`
+and `accuracy_vs_rate.png`. Re-running the same command skips the runs already finished. On a pod, run
+the same command on every host.
+"""
+import argparse
+import copy
+import csv
+import itertools
+import json
+import os
+import statistics
+import sys
+
+import xla_setup  # noqa: F401  (must come before jax starts its backend)
+
+import jax
+import numpy as np
+
+import data
+import train
+
+COLUMNS = ["rank", "run", "optimiser", "learning_rate", "weight_decay", "momentum", "seed", "schedule", "status",
+           "best_validation_accuracy", "best_outer", "best_step", "target_step", "target_seconds", "final_loss"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--optimisers", default="lamb,adam,sgd", help="comma separated, from lamb, adam, sgd")
+    p.add_argument("--learning-rates", default="1e-3,3e-3,1e-2", help="peak learning rates, comma separated")
+    p.add_argument("--seeds", default="0", help="initialisation seeds, comma separated")
+    p.add_argument("--weight-decays", default="0", help="for lamb and adam, comma separated")
+    p.add_argument("--momenta", default="0.9", help="for sgd, comma separated")
+    p.add_argument("--output-dir", required=True, help="one folder per run, and the leaderboard")
+    p.error = lambda message: train.fail(f"{message} (see sweep.py --help)")
+    sweep, fixed = p.parse_known_args(argv)
+    try:
+        grid = {"optimisers": sweep.optimisers.split(","),
+                "learning_rates": [float(v) for v in sweep.learning_rates.split(",")],
+                "seeds": [int(v) for v in sweep.seeds.split(",")],
+                "weight_decays": [float(v) for v in sweep.weight_decays.split(",")],
+                "momenta": [float(v) for v in sweep.momenta.split(",")]}
+    except ValueError as error:
+        raise train.UsageError(f"a sweep list is not comma-separated numbers: {error}") from None
+    unknown = set(grid["optimisers"]) - {"lamb", "adam", "sgd"}
+    if unknown:
+        raise train.UsageError(f"unknown optimiser(s) {sorted(unknown)} in --optimisers; choose from lamb,adam,sgd")
+    base = train.parse_args(fixed + ["--output-dir", sweep.output_dir])  # checks the fixed train.py flags
+    return grid, base
+
+
+def grid_points(grid, base):
+    """One train.py argument set per run; each checked like train.py's own flags."""
+    points = []
+    for optimiser, rate, seed in itertools.product(grid["optimisers"], grid["learning_rates"], grid["seeds"]):
+        for coefficient in (grid["momenta"] if optimiser == "sgd" else grid["weight_decays"]):
+            args = copy.copy(base)
+            args.optimiser, args.learning_rate, args.seed = optimiser, rate, seed
+            if optimiser == "sgd":
+                args.momentum, args.weight_decay, detail = coefficient, 0.0, f"m{coefficient:g}"
+            else:
+                args.weight_decay, detail = coefficient, f"wd{coefficient:g}"
+            args.run_name = f"{optimiser}-lr{rate:g}-{detail}-{base.schedule}-s{seed}"
+            args.output_dir = os.path.join(base.output_dir, args.run_name)
+            train.check_args(args)
+            points.append(args)
+    return points
+
+
+def read_run(output_dir):
+    """(header, outer-loop records, how it ended) from a run's metrics.jsonl, or None if it did not end."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    if not lines or not ("summary" in lines[-1] or lines[-1].get("diverged") or lines[-1].get("crashed")):
+        return None
+    return lines[0], [r for r in lines[1:] if "validation_accuracy" in r], lines[-1]
+
+
+def record_crash(args, error):
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"config": dict(vars(args))}) + "\n")
+        f.write(json.dumps({"crashed": True, "error": f"{type(error).__name__}: {error}"}) + "\n")
+
+
+def leaderboard_rows(points):
+    rows = []
+    for args in points:
+        header, records, end = read_run(args.output_dir)
+        best = max(records, key=lambda r: r["validation_accuracy"], default=None)
+        status = "diverged" if end.get("diverged") else "crashed" if end.get("crashed") else "ok"
+        target = (end.get("summary") or {}).get("target") or {}
+        rows.append({"run": args.run_name, "optimiser": args.optimiser, "learning_rate": args.learning_rate,
+                     "weight_decay": args.weight_decay if args.optimiser != "sgd" else "",
+                     "momentum": args.momentum if args.optimiser == "sgd" else "", "seed": args.seed,
+                     "schedule": args.schedule, "status": status,
+                     "best_validation_accuracy": best["validation_accuracy"] if best else 0.0,
+                     "best_outer": best["outer"] if best else "", "best_step": best["step"] if best else "",
+                     "target_step": target.get("step", ""),
+                     "target_seconds": round(target["train_seconds"], 2) if target else "",
+                     "final_loss": records[-1]["loss"] if records else "", "curve": records})
+    rows.sort(key=lambda r: (-r["best_validation_accuracy"], r["status"] != "ok", r["run"]))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+def optimiser_summary(rows):
+    """Per optimiser: its best run, and the setting with the best median over seeds with that spread."""
+    summary = []
+    for optimiser in sorted({r["optimiser"] for r in rows}):
+        settings = {}
+        for r in rows:
+            if r["optimiser"] == optimiser:
+                key = (r["learning_rate"], r["weight_decay"], r["momentum"])
+                settings.setdefault(key, []).append(r["best_validation_accuracy"])
+        key, scores = max(settings.items(), key=lambda item: statistics.median(item[1]))
+        summary.append({"optimiser": optimiser,
+                        "best": max(r["best_validation_accuracy"] for r in rows if r["optimiser"] == optimiser),
+                        "best_setting": f"lr {key[0]:g}" + (f" wd {key[1]:g}" if key[1] != "" else "")
+                                        + (f" momentum {key[2]:g}" if key[2] != "" else ""),
+                        "median_over_seeds": statistics.median(scores), "spread": max(scores) - min(scores),
+                        "seeds": len(scores)})
+    return sorted(summary, key=lambda s: -s["median_over_seeds"])
+
+
+def write_leaderboard(output_dir, rows, summary, target):
+    with open(os.path.join(output_dir, "leaderboard.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["# Leaderboard", "", f"Ranked by best validation accuracy; target accuracy {target}.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) and c != "learning_rate"
+                                       else str(r[c]) for c in COLUMNS) + " |")
+    lines += ["", "## Per optimiser", "", "| optimiser | best | best setting (by median) | median over seeds | "
+              "spread (max - min) | seeds |", "|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['optimiser']} | {s['best']:.4f} | {s['best_setting']} | {s['median_over_seeds']:.4f} "
+                     f"| {s['spread']:.4f} | {s['seeds']} |")
+    lines += ["", "![validation accuracy against step](curves.png)", "",
+              "![best validation accuracy against learning rate](accuracy_vs_rate.png)", ""]
+    with open(os.path.join(output_dir, "leaderboard.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def write_plots(output_dir, rows):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colours = {"lamb": "tab:blue", "adam": "tab:orange", "sgd": "tab:green"}
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        steps = [p["step"] for p in r["curve"]]
+        axes.plot(steps, [p["validation_accuracy"] for p in r["curve"]], color=colours[r["optimiser"]],
+                  alpha=0.6, linestyle="-" if r["status"] == "ok" else ":")
+    for name, colour in colours.items():
+        axes.plot([], [], color=colour, label=name)
+    axes.set(xlabel="step", ylabel="validation accuracy", title="every run (dotted: diverged or crashed)")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.savefig(os.path.join(output_dir, "curves.png"), dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for name, colour in colours.items():
+        mine = [r for r in rows if r["optimiser"] == name]
+        if not mine:
+            continue
+        axes.scatter([r["learning_rate"] for r in mine], [r["best_validation_accuracy"] for r in mine],
+                     color=colour, alpha=0.6)
+        rates = sorted({r["learning_rate"] for r in mine})
+        medians = [statistics.median(r["best_validation_accuracy"] for r in mine if r["learning_rate"] == rate)
+                   for rate in rates]
+        axes.plot(rates, medians, color=colour, label=f"{name} (median over seeds)")
+    axes.set(xscale="log", xlabel="peak learning rate", ylabel="best validation accuracy",
+             title="best validation accuracy against learning rate")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.savefig(os.path.join(output_dir, "accuracy_vs_rate.png"), dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
+def finished_on_process_0(args) -> bool:
+    """Whether process 0's files show the run finished; every process takes its answer."""
+    finished = jax.process_index() == 0 and read_run(args.output_dir) is not None
+    if jax.process_count() == 1:
+        return finished
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(finished)))
+
+
+def run_sweep(grid, base):
+    points = grid_points(grid, base)
+    prepared, programs = None, {}
+    for number, args in enumerate(points, 1):
+        if finished_on_process_0(args):
+            print(f"[{number}/{len(points)}] {args.run_name}: finished earlier, skipped", flush=True)
+            continue
+        prepared = prepared or train.prepare(base)
+        prepared.log(f"[{number}/{len(points)}] {args.run_name}")
+        try:
+            train.run(args, prepared, programs)
+        except train.Diverged as error:
+            prepared.log(f"[{number}/{len(points)}] {args.run_name}: diverged: {error}")
+        except (KeyboardInterrupt, data.DataError):
+            raise
+        except Exception as error:  # one broken run must not end the sweep; it is recorded as crashed
+            prepared.log(f"[{number}/{len(points)}] {args.run_name}: crashed: {type(error).__name__}: {error}")
+            if jax.process_index() == 0:
+                record_crash(args, error)
+    if jax.process_index() != 0:
+        return None, None
+    rows = leaderboard_rows(points)
+    summary = optimiser_summary(rows)
+    write_leaderboard(base.output_dir, rows, summary, base.target_accuracy)
+    write_plots(base.output_dir, rows)
+    for s in summary:
+        print(f"{s['optimiser']}: best {s['best']:.4f}; {s['best_setting']}: median {s['median_over_seeds']:.4f} "
+              f"over {s['seeds']} seed(s), spread {s['spread']:.4f}", flush=True)
+    return rows, summary
+
+
+def main(argv=None):
+    try:
+        run_sweep(*parse_args(argv))
+    except (train.UsageError, data.DataError) as error:
+        train.fail(str(error))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+import csv
+import os
+
+import numpy as np
+
+import sweep
+import train
+from helpers import SMALL, read_metrics
+
+FIXED = [*SMALL, "--synthetic-examples", "300", "--inner-steps", "4", "--outer-steps", "3", "--target-accuracy", "0.3"]
+
+
+def test_a_tiny_sweep_ranks_runs_marks_divergence_and_resumes(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["--optimisers", "adam,sgd", "--learning-rates", "0.02,1e8", "--output-dir", str(out), *FIXED]
+    rows, summary = sweep.run_sweep(*sweep.parse_args(argv))
+    names = {"adam-lr0.02-wd0-constant-s0", "adam-lr1e+08-wd0-constant-s0",
+             "sgd-lr0.02-m0.9-constant-s0", "sgd-lr1e+08-m0.9-constant-s0"}
+    assert {r["run"] for r in rows} == names
+    status = {r["run"]: r["status"] for r in rows}
+    assert status["sgd-lr1e+08-m0.9-constant-s0"] == "diverged"
+    assert status["adam-lr0.02-wd0-constant-s0"] == status["sgd-lr0.02-m0.9-constant-s0"] == "ok"
+    with open(out / "leaderboard.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["rank"]) for r in table] == [1, 2, 3, 4]
+    accuracies = [float(r["best_validation_accuracy"]) for r in table]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert {r["run"] for r in table} == names
+    markdown = (out / "leaderboard.md").read_text()
+    assert "diverged" in markdown and "| adam |" in markdown and "| sgd |" in markdown
+    for picture in ("curves.png", "accuracy_vs_rate.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {s["optimiser"] for s in summary} == {"adam", "sgd"}
+    stamps = {n: os.path.getmtime(out / n / "metrics.jsonl") for n in names}
+    capsys.readouterr()
+    sweep.run_sweep(*sweep.parse_args(argv))
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 4
+    assert stamps == {n: os.path.getmtime(out / n / "metrics.jsonl") for n in names}
+
+
+def test_a_run_inside_a_sweep_equals_the_same_run_through_train_py(tmp_path):
+    sweep.run_sweep(*sweep.parse_args(["--optimisers", "lamb", "--learning-rates", "0.003,0.01", "--seeds", "1",
+                                       "--weight-decays", "0.01", "--schedule", "warmup_cosine",
+                                       "--warmup-steps", "3", "--output-dir", str(tmp_path / "sweep"), *FIXED]))
+    train.main([*FIXED, "--optimiser", "lamb", "--learning-rate", "0.01", "--seed", "1", "--weight-decay", "0.01",
+                "--schedule", "warmup_cosine", "--warmup-steps", "3", "--output-dir", str(tmp_path / "alone")])
+    inside = read_metrics(tmp_path / "sweep" / "lamb-lr0.01-wd0.01-warmup_cosine-s1")[1]
+    alone = read_metrics(tmp_path / "alone")[1]
+    np.testing.assert_allclose([r["loss"] for r in inside], [r["loss"] for r in alone], rtol=1e-6)
+    assert [r["validation_accuracy"] for r in inside] == [r["validation_accuracy"] for r in alone]
