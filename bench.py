@@ -26,6 +26,7 @@ def parse_args(argv=None):
     p.add_argument("--channels", default="32,64,128,256")
     p.add_argument("--dense", type=int, default=128)
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--conv", choices=["auto", "xla", "patches"], default="auto", help="as train.py's --conv")
     p.add_argument("--optimiser", choices=["lamb", "adam", "sgd"], default="adam")
     p.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
     p.add_argument("--repeats", type=int, default=3)
@@ -89,8 +90,8 @@ def flops_per_image(channels, dense, image_size, classes=10):
 def random_batch(per_device, image_size, float_images=False):
     """Images, labels and mask made on each device: no host copy of a huge batch."""
     def make(key):
-        images = jax.random.randint(key, (per_device, image_size, image_size, 3), 0, 256, jnp.int32)
-        images = images.astype(jnp.float32) / 255.0 if float_images else images.astype(jnp.uint8)
+        images = jax.random.bits(key, (per_device, image_size, image_size, 3), jnp.uint8)  # no int32 copy
+        images = images.astype(jnp.float32) / 255.0 if float_images else images
         labels = jax.random.randint(jax.random.fold_in(key, 1), (per_device,), 0, 10, jnp.int32)
         return images, labels, jnp.ones((per_device,), jnp.float32)
     keys = jax.random.split(jax.random.PRNGKey(0), jax.local_device_count())
@@ -148,16 +149,17 @@ def main():
         sys.exit(f"bench.py: error: --batch {a.batch} does not divide over {devices} devices")
     per_device = a.batch // devices
     channels = tuple(int(c) for c in a.channels.split(","))
-    model = ConvNet(channels, a.dense, 10, jnp.dtype(a.dtype))
+    conv = train.choose_conv(a)
+    model = ConvNet(channels, a.dense, 10, jnp.dtype(a.dtype), conv)
     optimiser = train.make_optimiser(a.optimiser)
-    train_args = argparse.Namespace(microbatch=a.microbatch, dtype=a.dtype, channels=channels)
+    train_args = argparse.Namespace(microbatch=a.microbatch, dtype=a.dtype, channels=channels, conv=a.conv)
     microbatch = train.choose_microbatch(train_args, per_device, a.image_size)
     kind = jax.devices()[0].device_kind
     peak_size = 4096 if jax.default_backend() == "cpu" else 16384
     peaks = {dtype: matmul_peak(dtype, peak_size) for dtype in ("float32", "bfloat16")}
     flops = flops_per_image(channels, a.dense, a.image_size)
     print(f"jax {jax.__version__} {jax.default_backend()} ({kind}), {devices} devices; batch {a.batch} "
-          f"({per_device} per device, microbatch {microbatch}), {a.dtype}, {a.optimiser}; "
+          f"({per_device} per device, microbatch {microbatch}), {a.dtype}, {conv} convs, {a.optimiser}; "
           f"{flops / 1e6:.1f} MFLOP per image; matmul peak f32 {peaks['float32'] / 1e9:,.0f} GFLOP/s, "
           f"bf16 {peaks['bfloat16'] / 1e9:,.0f} GFLOP/s (measured, one device)", flush=True)
 

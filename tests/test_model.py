@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from model import ConvNet, param_count
 
@@ -33,3 +34,20 @@ def test_widths_are_arguments_and_uint8_equals_scaled_float_input():
     assert param_count(params) == 112 + 296 + 54 + 21
     np.testing.assert_allclose(model.apply(params, images), model.apply(params, images.astype(np.float32)),
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("size", [16, 15])
+def test_patch_conv_gives_the_same_logits_and_gradients_as_nn_conv(size):
+    images = np.random.default_rng(3).integers(0, 256, (4, size, size, 3)).astype(np.uint8)
+    labels = np.arange(4) % 10
+    reference, patches = ConvNet(channels=(8, 16, 32)), ConvNet(channels=(8, 16, 32), conv="patches")
+    params = reference.init(jax.random.PRNGKey(0), images)
+    assert jax.tree.map(np.shape, patches.init(jax.random.PRNGKey(0), images)) == jax.tree.map(np.shape, params)
+
+    def loss(model, p):
+        logits = model.apply(p, images)
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), logits
+    (_, want_logits), want_grads = jax.value_and_grad(lambda p: loss(reference, p), has_aux=True)(params)
+    (_, got_logits), got_grads = jax.value_and_grad(lambda p: loss(patches, p), has_aux=True)(params)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), got_grads, want_grads)
