@@ -88,14 +88,18 @@ def flops_per_image(channels, dense, image_size, classes=10):
 
 
 def random_batch(per_device, image_size, float_images=False):
-    """Images, labels and mask made on each device: no host copy of a huge batch."""
-    def make(key):
-        images = jax.random.bits(key, (per_device, image_size, image_size, 3), jnp.uint8)  # no int32 copy
-        images = images.astype(jnp.float32) / 255.0 if float_images else images
-        labels = jax.random.randint(jax.random.fold_in(key, 1), (per_device,), 0, 10, jnp.int32)
-        return images, labels, jnp.ones((per_device,), jnp.float32)
-    keys = jax.random.split(jax.random.PRNGKey(0), jax.local_device_count())
-    return jax.pmap(make)(keys)
+    """Random images, labels and an all-ones mask, sharded over the devices like train.py's data.
+
+    Made with NumPy: jax.random would build 32-bit intermediates 4x the size of a whole-dataset batch.
+    """
+    rng = np.random.default_rng(0)
+    shape = (jax.local_device_count(), per_device)
+    images = rng.integers(0, 256, (*shape, image_size, image_size, 3), dtype=np.uint8)  # (D, P, S, S, 3)
+    labels = rng.integers(0, 10, shape, dtype=np.int32)
+    images, labels, mask = train.on_devices(images, labels, np.ones(shape, np.float32))
+    if float_images:
+        images = jax.pmap(lambda x: x.astype(jnp.float32) / 255.0)(images)
+    return images, labels, mask
 
 
 def reference_step(state, images, labels):
