@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 import statistics
-import sys
 
 import xla_setup  # noqa: F401  (must come before jax starts its backend)
 
