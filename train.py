@@ -372,8 +372,7 @@ def build_programs(args, prepared: Prepared) -> dict:
     evaluate = jax.pmap(functools.partial(correct_count, apply_fn=model.apply, chunk=microbatch),
                         axis_name=AXIS, static_broadcasted_argnums=4)
     return dict(model=model, optimiser=optimiser, inner=inner, evaluate=evaluate, inner_mode=inner_mode,
-                conv=model.conv,
-                microbatch=microbatch, image_shape=image_shape)
+                conv=model.conv, microbatch=microbatch, image_shape=image_shape)
 
 
 def program_key(args) -> tuple:
