@@ -189,18 +189,30 @@ def num_classes(args) -> int:
     return len(list_folder(args.data_dir)[0]) if args.dataset == "folder" else 10
 
 
+def check_labels(split: Split, classes: int, name: str) -> Split:
+    """A label outside 0..classes-1 would silently index a wrong logit (or none): refuse it."""
+    bad = np.flatnonzero((split.labels < 0) | (split.labels >= classes))
+    if len(bad):
+        raise DataError(f"the {name} split has {len(bad)} label(s) outside 0..{classes - 1}, "
+                        f"e.g. {split.labels[bad[0]]} at example {bad[0]}")
+    return split
+
+
 # ----------------------------------------------------------------------------- device layout
 
 def pad_and_shard(split: Split, devices: int, per_device: int):
     """(n, H, W, C) -> images (devices, per_device, H, W, C), labels and a 0/1 mask (devices, per_device).
 
-    Padding examples repeat example 0 and have mask 0, so they count nowhere.
+    Padding examples are black, labelled 0 and have mask 0, so they count nowhere. A process may hold no
+    example at all (a small split over many hosts); its devices then hold padding only.
     """
     n = len(split.labels)
     total = devices * per_device
     if n > total:
         raise ValueError(f"{n} examples do not fit {devices} x {per_device}")
-    index = np.concatenate([np.arange(n), np.zeros(total - n, np.int64)])  # (total,)
+    padding = np.zeros((total - n, *split.images.shape[1:]), split.images.dtype)
+    images = np.concatenate([split.images, padding])  # (total, H, W, C)
+    labels = np.concatenate([split.labels, np.zeros(total - n, split.labels.dtype)])  # (total,)
     mask = (np.arange(total) < n).astype(np.float32)  # (total,)
-    images = split.images[index].reshape(devices, per_device, *split.images.shape[1:])  # (D, P, H, W, C)
-    return images, split.labels[index].reshape(devices, per_device), mask.reshape(devices, per_device)
+    return (images.reshape(devices, per_device, *images.shape[1:]),  # (D, P, H, W, C)
+            labels.reshape(devices, per_device), mask.reshape(devices, per_device))

@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import statistics
+import sys
 
 import xla_setup  # noqa: F401  (must come before jax starts its backend)
 
@@ -33,6 +34,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--optimisers", default="lamb,adam,sgd", help="comma separated, from lamb, adam, sgd")
     p.add_argument("--learning-rates", default="1e-3,3e-3,1e-2", help="peak learning rates, comma separated")
+    for name in ("lamb", "adam", "sgd"):  # good rates differ by orders of magnitude between optimisers
+        p.add_argument(f"--{name}-rates", help=f"peak learning rates for {name} only, instead of --learning-rates")
     p.add_argument("--seeds", default="0", help="initialisation seeds, comma separated")
     p.add_argument("--weight-decays", default="0", help="for lamb and adam, comma separated")
     p.add_argument("--momenta", default="0.9", help="for sgd, comma separated")
@@ -40,8 +43,9 @@ def parse_args(argv=None):
     p.error = lambda message: train.fail(f"{message} (see sweep.py --help)")
     sweep, fixed = p.parse_known_args(argv)
     try:
-        grid = {"optimisers": sweep.optimisers.split(","),
-                "learning_rates": [float(v) for v in sweep.learning_rates.split(",")],
+        rates = {name: [float(v) for v in (getattr(sweep, f"{name}_rates") or sweep.learning_rates).split(",")]
+                 for name in ("lamb", "adam", "sgd")}
+        grid = {"optimisers": sweep.optimisers.split(","), "learning_rates": rates,
                 "seeds": [int(v) for v in sweep.seeds.split(",")],
                 "weight_decays": [float(v) for v in sweep.weight_decays.split(",")],
                 "momenta": [float(v) for v in sweep.momenta.split(",")]}
@@ -57,8 +61,10 @@ def parse_args(argv=None):
 def grid_points(grid, base):
     """One train.py argument set per run; each checked like train.py's own flags."""
     points = []
-    for optimiser, rate, seed in itertools.product(grid["optimisers"], grid["learning_rates"], grid["seeds"]):
-        for coefficient in (grid["momenta"] if optimiser == "sgd" else grid["weight_decays"]):
+    for optimiser in grid["optimisers"]:
+        for rate, seed, coefficient in itertools.product(
+                grid["learning_rates"][optimiser], grid["seeds"],
+                grid["momenta"] if optimiser == "sgd" else grid["weight_decays"]):
             args = copy.copy(base)
             args.optimiser, args.learning_rate, args.seed = optimiser, rate, seed
             if optimiser == "sgd":
@@ -85,9 +91,12 @@ def read_run(output_dir):
 
 
 def record_crash(args, error):
+    """Ends the run's metrics.jsonl with the error, keeping what the run wrote before it."""
     os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "metrics.jsonl"), "w") as f:
-        f.write(json.dumps({"config": dict(vars(args))}) + "\n")
+    path = os.path.join(args.output_dir, "metrics.jsonl")
+    with open(path, "a") as f:
+        if f.tell() == 0:
+            f.write(json.dumps({"config": dict(vars(args))}) + "\n")
         f.write(json.dumps({"crashed": True, "error": f"{type(error).__name__}: {error}"}) + "\n")
 
 
@@ -200,6 +209,7 @@ def finished_on_process_0(args) -> bool:
 
 def run_sweep(grid, base):
     points = grid_points(grid, base)
+    train.init_distributed(base)
     prepared, programs = None, {}
     for number, args in enumerate(points, 1):
         if finished_on_process_0(args):
@@ -211,8 +221,8 @@ def run_sweep(grid, base):
             train.run(args, prepared, programs)
         except train.Diverged as error:
             prepared.log(f"[{number}/{len(points)}] {args.run_name}: diverged: {error}")
-        except (KeyboardInterrupt, data.DataError):
-            raise
+        except (KeyboardInterrupt, train.Interrupted, train.UsageError, train.PeerError, data.DataError):
+            raise  # the sweep itself cannot go on; re-running the command resumes it
         except Exception as error:  # one broken run must not end the sweep; it is recorded as crashed
             prepared.log(f"[{number}/{len(points)}] {args.run_name}: crashed: {type(error).__name__}: {error}")
             if jax.process_index() == 0:
@@ -234,6 +244,12 @@ def main(argv=None):
         run_sweep(*parse_args(argv))
     except (train.UsageError, data.DataError) as error:
         train.fail(str(error))
+    except train.Interrupted as error:
+        print(f"sweep.py: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except train.PeerError as error:
+        print(f"sweep.py: error: {error}", file=sys.stderr)
+        sys.exit(4)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ import functools
 import json
 import math
 import os
+import signal
+import socket
 import sys
+import threading
 import time
 from typing import Callable, NamedTuple
 
@@ -23,6 +26,7 @@ from flax.training.train_state import TrainState
 from jax import lax
 
 import augment
+import checkpoint
 import data
 from model import DEFAULT_CHANNELS, DEFAULT_DENSE, ConvNet, param_count
 
@@ -36,6 +40,21 @@ class UsageError(Exception):
 
 class Diverged(Exception):
     """The loss became NaN or infinite; the best params so far are kept."""
+
+
+class PeerError(Exception):
+    """Another process of a multi-host run cannot be reached."""
+
+
+class Interrupted(Exception):
+    """A stop signal ended the run; the last checkpoint on disk resumes it."""
+
+    def __init__(self, signum: int, outer: int, checkpointed: int, output_dir: str | None):
+        self.exit_code = 128 + signum  # the shell's convention for "ended by this signal"
+        where = (f"the checkpoint after outer loop {checkpointed} in {output_dir} resumes it (run the same command)"
+                 if output_dir and checkpointed else "no checkpoint to resume from" + ("" if output_dir else
+                                                                                     " (no --output-dir)"))
+        super().__init__(f"stopped by {signal.Signals(signum).name} during outer loop {outer}; {where}")
 
 
 # ----------------------------------------------------------------------------- flags
@@ -77,11 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="examples per device per gradient chunk (accumulated inside the step); 0: chosen from device memory")
     add("--target-accuracy", type=float, default=0.95, help="report when validation accuracy first reaches it")
     add("--stop-at-target", action="store_true", help="stop once --target-accuracy is reached")
-    add("--output-dir", default=None, help="where process 0 writes metrics.jsonl and best_params.msgpack")
+    add("--output-dir", default=None,
+        help="where process 0 writes metrics.jsonl and best_params.msgpack, and every process a checkpoint "
+             "per outer loop (on a pod: a folder every host sees); a checkpoint of the same run there resumes it")
+    add("--resume", action="store_true", help="require a checkpoint in --output-dir to continue from")
+    add("--keep-checkpoints", type=int, default=2, help="latest checkpoints kept, besides the best one")
     add("--eval-test", action="store_true", help="at the end, report test accuracy of the best params")
     add("--coordinator-address", default=None, help="multi-host: host:port of process 0 (not needed on TPU pods)")
     add("--num-processes", type=int, default=None, help="multi-host: number of processes")
     add("--process-id", type=int, default=None, help="multi-host: this process's index")
+    add("--distributed-timeout", type=int, default=300,
+        help="multi-host: seconds to wait for the coordinator at start, and for a silent process mid-run, "
+             "before exiting with an error")
     return p
 
 
@@ -106,7 +132,8 @@ def check_args(args) -> None:
     """Reject impossible settings before any data is loaded or device touched."""
     positive = {"--learning-rate": args.learning_rate, "--inner-steps": args.inner_steps,
                 "--outer-steps": args.outer_steps, "--dense": args.dense, "--image-size": args.image_size,
-                "--synthetic-examples": args.synthetic_examples}
+                "--synthetic-examples": args.synthetic_examples, "--keep-checkpoints": args.keep_checkpoints,
+                "--distributed-timeout": args.distributed_timeout}
     if args.train_examples is not None:
         positive["--train-examples"] = args.train_examples
     for flag, value in positive.items():
@@ -129,6 +156,8 @@ def check_args(args) -> None:
         raise UsageError("--dataset folder needs --data-dir PATH")
     if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UsageError(f"--output-dir {args.output_dir} exists and is not a folder")
+    if args.resume and not args.output_dir:
+        raise UsageError("--resume needs --output-dir, the folder holding the checkpoint")
     multihost = (args.coordinator_address, args.num_processes, args.process_id)
     if any(v is not None for v in multihost) and any(v is None for v in multihost):
         raise UsageError("--coordinator-address, --num-processes and --process-id go together")
@@ -137,6 +166,9 @@ def check_args(args) -> None:
             raise UsageError(f"--num-processes must be >= 1, got {args.num_processes}")
         if not 0 <= args.process_id < args.num_processes:
             raise UsageError(f"--process-id {args.process_id} is outside 0..{args.num_processes - 1}")
+        host, _, port = args.coordinator_address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UsageError(f"--coordinator-address {args.coordinator_address!r} is not host:port")
 
 
 # ----------------------------------------------------------------------------- model and optimiser
@@ -232,13 +264,44 @@ def correct_count(params, images, labels, mask, stride, *, apply_fn, chunk):
 
 # ----------------------------------------------------------------------------- setup helpers
 
+_distributed_started = False
+
+
+def wait_for_coordinator(address: str, timeout: float) -> None:
+    """Raises PeerError unless the coordinator's port accepts a connection within `timeout` seconds
+    (jax itself would abort the process with a stack trace)."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            return
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise PeerError(f"cannot reach the coordinator (process 0) at {address} within "
+                                f"--distributed-timeout {timeout}s: {error}") from None
+            time.sleep(0.5)
+
+
 def init_distributed(args) -> None:
+    """Joins the other processes (once per process); an unreachable coordinator or a process that stops
+    answering ends every process with an error after --distributed-timeout seconds, never a silent hang."""
+    global _distributed_started
+    if _distributed_started:
+        return
+    timeouts = dict(initialization_timeout=args.distributed_timeout,
+                    heartbeat_timeout_seconds=args.distributed_timeout)
     if args.coordinator_address:
+        if args.process_id != 0:  # process 0 runs the coordinator; the others first check they can reach it
+            wait_for_coordinator(args.coordinator_address, args.distributed_timeout)
+        print(f"process {args.process_id}: joining {args.num_processes} processes at {args.coordinator_address} "
+              f"(up to {args.distributed_timeout}s)", flush=True)
         # On CPU clusters the collectives need gloo; the setting is ignored by other backends.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id, **timeouts)
     elif len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
-        jax.distributed.initialize()  # a Cloud TPU pod slice describes itself
+        jax.distributed.initialize(**timeouts)  # a Cloud TPU pod slice describes itself
+    _distributed_started = True
 
 
 def device_memory_bytes() -> int:
@@ -337,15 +400,19 @@ class Prepared(NamedTuple):
 def prepare(args) -> Prepared:
     """Start the processes, load this process's data and put it, augmented, on the devices."""
     init_distributed(args)
+    classes = data.num_classes(args)
     log = functools.partial(print, flush=True) if jax.process_index() == 0 else (lambda *a, **k: None)
     log(f"jax {jax.__version__} {jax.default_backend()}: {jax.process_count()} process(es), "
         f"{jax.device_count()} devices ({jax.local_device_count()} local: {jax.local_devices()[0].device_kind})")
-    load = functools.partial(data.load_split, args, process_index=jax.process_index(),
-                             process_count=jax.process_count())
+
+    def load(name: str) -> data.Split:
+        split = data.load_split(args, name, process_index=jax.process_index(), process_count=jax.process_count())
+        return data.check_labels(split, classes, name)
+
     train_data, train_count = prepare_split(load("train"), "train", not args.no_augment, log)
     val_data, val_count = prepare_split(load("validation"), "validation", False, log)
     stride = 1 if args.no_augment else augment.NUM_TRANSFORMS
-    return Prepared(train_data, val_data, train_count, val_count, stride, data.num_classes(args), load, log)
+    return Prepared(train_data, val_data, train_count, val_count, stride, classes, load, log)
 
 
 def build_programs(args, prepared: Prepared) -> dict:
@@ -360,14 +427,24 @@ def build_programs(args, prepared: Prepared) -> dict:
     microbatch = choose_microbatch(args, prepared.train_data[0].shape[1], image_shape[0])
     step_kwargs = dict(example_count=float(prepared.train_count * prepared.stride), microbatch=microbatch)
     if inner_mode == "compiled":
-        inner = jax.pmap(functools.partial(inner_loop, steps=args.inner_steps, **step_kwargs),
-                         axis_name=AXIS, donate_argnums=0)
+        loop = jax.pmap(functools.partial(inner_loop, steps=args.inner_steps, **step_kwargs),
+                        axis_name=AXIS, donate_argnums=0)
+
+        def inner(state, *batch, should_stop):  # one program: a stop request waits for its end
+            return loop(state, *batch)
     else:
         step = jax.pmap(functools.partial(train_step, **step_kwargs), axis_name=AXIS, donate_argnums=0)
 
-        def inner(state, *batch):
+        def inner(state, *batch, should_stop):
+            """The inner steps, or None when should_stop() turns true before they are all done."""
+            loss = None
             for _ in range(args.inner_steps):
-                state, loss = step(state, *batch)
+                if should_stop():
+                    return None
+                state, next_loss = step(state, *batch)
+                if loss is not None:
+                    loss.block_until_ready()  # one step queued at most, so a stop request acts within a step
+                loss = next_loss
             return state, loss
     evaluate = jax.pmap(functools.partial(correct_count, apply_fn=model.apply, chunk=microbatch),
                         axis_name=AXIS, static_broadcasted_argnums=4)
@@ -380,79 +457,182 @@ def program_key(args) -> tuple:
             args.channels, args.dense, args.dtype, args.conv, args.microbatch, args.inner_loop)
 
 
+class StopSignals:
+    """Turns SIGTERM and SIGINT (what a preemption or Ctrl-C sends) into a request the run acts on at the
+    next step boundary, so it can leave a complete checkpoint behind. A second signal stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self):
+        self.received = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self.previous = {s: signal.signal(s, self.record) for s in self.SIGNALS}
+        return self
+
+    def record(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exception):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def resume_point(args, checkpoints) -> dict | None:
+    """The latest checkpoint's progress if this run continues it; refuses a checkpoint of another run."""
+    progress = checkpoint.read_progress(checkpoints) if checkpoints else None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.assert_equal(np.int64(progress["outer"] if progress else -1),
+                                     f"processes see different checkpoints in {args.output_dir}: "
+                                     "--output-dir must be a folder every host reads and writes")
+    if progress is None:
+        if args.resume:
+            raise UsageError(f"--resume: no checkpoint in {args.output_dir}")
+        return None
+    changed = checkpoint.differences(progress["run"], args)
+    if changed:
+        raise UsageError(f"{args.output_dir} holds a checkpoint of a different run ({'; '.join(changed)}); "
+                         "use another --output-dir, or delete that one to start over")
+    return progress
+
+
+class MetricsLog:
+    """Process 0's metrics.jsonl: a header line, then a line per outer loop, flushed at once so nothing
+    measured is lost. On resume the file is cut back to the checkpoint's outer loop (later lines are redone)."""
+
+    def __init__(self, path: str | None, header: dict, resumed_after: int | None):
+        self.file = None
+        if path is None:
+            return
+        lines = [json.dumps(header)]
+        if resumed_after is not None and os.path.exists(path):
+            with open(path) as f:
+                earlier = [json.loads(line) for line in f if line.strip()]
+            lines = [json.dumps(r) for r in earlier if r.get("outer", 0) <= resumed_after and "summary" not in r]
+            lines.append(json.dumps({"resumed_after_outer": resumed_after, "devices": jax.device_count(),
+                                     "processes": jax.process_count(), "time": time.time()}))
+        with open(path + ".tmp", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(path + ".tmp", path)
+        self.file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
 def run(args, prepared: Prepared | None = None, programs_cache: dict | None = None) -> dict:
     """One training run; a sweep passes the data and the compiled programs it shares between runs."""
-    prepared = prepared or prepare(args)
-    cache = programs_cache if programs_cache is not None else {}
-    if program_key(args) not in cache:
-        cache[program_key(args)] = build_programs(args, prepared)
-    p = cache[program_key(args)]
-    log, is_main = prepared.log, jax.process_index() == 0
-    state = create_state(p["model"], p["optimiser"], args.seed, p["image_shape"])
-    state = flax.jax_utils.replicate(with_hyperparams(state, args))
-    step_examples = prepared.train_count * prepared.stride
-    log(f"model: {param_count(state.params) // jax.local_device_count():,} params, {args.dtype}; "
-        f"{args.optimiser} lr {args.learning_rate:g} ({args.schedule}); {p['conv']} convs; inner loop {p['inner_mode']}; "
-        f"microbatch {p['microbatch']} of {prepared.train_data[0].shape[1]} per device")
+    init_distributed(args)
+    checkpoints = checkpoint.manager(args.output_dir, args.keep_checkpoints) if args.output_dir else None
+    try:
+        resumed = resume_point(args, checkpoints)  # before loading data: a refusal should come at once
+        prepared = prepared or prepare(args)
+        cache = programs_cache if programs_cache is not None else {}
+        if program_key(args) not in cache:
+            cache[program_key(args)] = build_programs(args, prepared)
+        with StopSignals() as stop:
+            return outer_loops(args, prepared, cache[program_key(args)], checkpoints, resumed, stop)
+    finally:
+        if checkpoints:
+            checkpoints.close()  # waits for a save still being written
 
-    metrics_file = None
+
+def initial_progress(args) -> dict:
+    return {"outer": 0, "best": {"validation_accuracy": -1.0, "outer": None, "step": None}, "target": None,
+            "loss": None, "train_seconds": 0.0, "elapsed_seconds": 0.0, "run": checkpoint.run_definition(args)}
+
+
+def outer_loops(args, prepared: Prepared, p: dict, checkpoints, resumed: dict | None, stop: StopSignals) -> dict:
+    """The outer loops (inner loop, validation, metrics line, checkpoint), then the summary."""
+    log, is_main = prepared.log, jax.process_index() == 0
+    state = with_hyperparams(create_state(p["model"], p["optimiser"], args.seed, p["image_shape"]), args)
+    step_examples = prepared.train_count * prepared.stride
+    log(f"model: {param_count(state.params):,} params, {args.dtype}; {args.optimiser} lr {args.learning_rate:g} "
+        f"({args.schedule}); {p['conv']} convs; inner loop {p['inner_mode']}; "
+        f"microbatch {p['microbatch']} of {prepared.train_data[0].shape[1]} per device")
+    if resumed:
+        state, best_params, progress = checkpoint.restore(checkpoints, state, state.params)
+        log(f"resuming after outer loop {progress['outer']} from {checkpoints.directory}")
+    else:
+        state = flax.jax_utils.replicate(state)
+        best_params, progress = state.params, initial_progress(args)
+    header = {"config": dict(vars(args)), "inner_loop": p["inner_mode"], "conv": p["conv"],
+              "microbatch": p["microbatch"], "devices": jax.device_count(), "processes": jax.process_count(),
+              "backend": jax.default_backend(), "train_examples": prepared.train_count,
+              "validation_examples": prepared.val_count, "examples_per_step": step_examples, "jax": jax.__version__}
     if is_main and args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
-        metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
-        header = {"config": dict(vars(args)), "inner_loop": p["inner_mode"], "conv": p["conv"],
-                  "microbatch": p["microbatch"],
-                  "devices": jax.device_count(), "processes": jax.process_count(), "backend": jax.default_backend(),
-                  "train_examples": prepared.train_count, "validation_examples": prepared.val_count,
-                  "examples_per_step": step_examples, "jax": jax.__version__}
-        metrics_file.write(json.dumps(header) + "\n")
-        metrics_file.flush()
+    metrics = MetricsLog(os.path.join(args.output_dir, "metrics.jsonl") if is_main and args.output_dir else None,
+                         header, progress["outer"] if resumed else None)
+    try:
+        best, target, loss = progress["best"], progress["target"], progress["loss"]
+        started = time.perf_counter() - progress["elapsed_seconds"]
+        for outer in range(progress["outer"] + 1, args.outer_steps + 1):
+            tick = time.perf_counter()
+            finished = p["inner"](state, *prepared.train_data, should_stop=lambda: stop.received is not None)
+            if finished is None:  # a stop signal came mid-loop: its steps are dropped, the checkpoint stands
+                raise Interrupted(stop.received, outer, progress["outer"], args.output_dir)
+            state, loss = finished
+            loss = float(loss[0])  # waits for the inner loop to finish
+            inner_seconds = time.perf_counter() - tick
+            if not math.isfinite(loss):
+                metrics.write({"outer": outer, "diverged": True, "loss": str(loss)})
+                raise Diverged(f"loss is {loss} after outer loop {outer} (step {outer * args.inner_steps}); "
+                               f"last finite loss {progress['loss']}; " + (
+                                   f"best validation accuracy {best['validation_accuracy']:.4f} at outer "
+                                   f"{best['outer']} (kept)" if best["outer"] else "no validation before it"))
+            progress["train_seconds"] += inner_seconds
+            val_accuracy = int(p["evaluate"](state.params, *prepared.val_data, 1)[0]) / prepared.val_count
+            train_accuracy = int(p["evaluate"](state.params, *prepared.train_data, prepared.stride)[0]) / prepared.train_count
+            record = {"outer": outer, "step": outer * args.inner_steps, "loss": loss,
+                      "train_accuracy": train_accuracy, "validation_accuracy": val_accuracy,
+                      "inner_seconds": inner_seconds,
+                      "images_per_second": step_examples * args.inner_steps / inner_seconds,
+                      "train_seconds": progress["train_seconds"], "elapsed_seconds": time.perf_counter() - started}
+            if val_accuracy > best["validation_accuracy"]:
+                best = {"validation_accuracy": val_accuracy, "outer": outer, "step": record["step"]}
+                best_params = jax.tree.map(jnp.copy, state.params)  # the state's own buffers are donated
+                if is_main and args.output_dir:
+                    write_params(os.path.join(args.output_dir, "best_params.msgpack"),
+                                 jax.device_get(flax.jax_utils.unreplicate(best_params)))
+            if target is None and val_accuracy >= args.target_accuracy:
+                target = {"outer": outer, "step": record["step"], "train_seconds": progress["train_seconds"],
+                          "elapsed_seconds": record["elapsed_seconds"]}
+            record["best_validation_accuracy"] = best["validation_accuracy"]
+            log(f"outer {outer}/{args.outer_steps} step {record['step']}: loss {loss:.4f} "
+                f"train acc {train_accuracy:.4f} val acc {val_accuracy:.4f} (best {best['validation_accuracy']:.4f} "
+                f"@ outer {best['outer']}) | {inner_seconds:.2f}s {record['images_per_second']:,.0f} img/s "
+                f"| elapsed {record['elapsed_seconds']:.1f}s" + (" (includes compilation)" if outer == 1 else ""))
+            metrics.write(record)  # before the checkpoint: a resume may redo a line, never lose one
+            progress.update(outer=outer, best=best, target=target, loss=loss,
+                            elapsed_seconds=record["elapsed_seconds"])
+            if checkpoints:
+                checkpoint.save(checkpoints, state, best_params, progress, val_accuracy)
+            if stop.received is not None:
+                raise Interrupted(stop.received, outer, outer, args.output_dir)
+            if target is not None and args.stop_at_target:
+                log(f"stopping: reached --target-accuracy {args.target_accuracy}")
+                break
+        summary = summarise(args, prepared, p, best_params, progress, log)
+        metrics.write({"summary": summary})
+        return summary
+    finally:
+        metrics.close()
 
-    best = {"validation_accuracy": -1.0, "outer": None, "step": None}
-    best_params, target, last_finite_loss = state.params, None, None
-    train_seconds, started = 0.0, time.perf_counter()
-    for outer in range(1, args.outer_steps + 1):
-        tick = time.perf_counter()
-        state, loss = p["inner"](state, *prepared.train_data)
-        loss = float(loss[0])  # waits for the inner loop to finish
-        inner_seconds = time.perf_counter() - tick
-        if not math.isfinite(loss):
-            if metrics_file:
-                metrics_file.write(json.dumps({"outer": outer, "diverged": True, "loss": str(loss)}) + "\n")
-                metrics_file.close()
-            raise Diverged(f"loss is {loss} after outer loop {outer} (step {outer * args.inner_steps}); last "
-                           f"finite loss {last_finite_loss}; best validation accuracy "
-                           f"{best['validation_accuracy']:.4f} at outer {best['outer']} (params kept)")
-        last_finite_loss = loss
-        train_seconds += inner_seconds
-        val_accuracy = int(p["evaluate"](state.params, *prepared.val_data, 1)[0]) / prepared.val_count
-        train_accuracy = int(p["evaluate"](state.params, *prepared.train_data, prepared.stride)[0]) / prepared.train_count
-        record = {"outer": outer, "step": outer * args.inner_steps, "loss": loss,
-                  "train_accuracy": train_accuracy, "validation_accuracy": val_accuracy,
-                  "inner_seconds": inner_seconds, "images_per_second": step_examples * args.inner_steps / inner_seconds,
-                  "train_seconds": train_seconds, "elapsed_seconds": time.perf_counter() - started}
-        if val_accuracy > best["validation_accuracy"]:
-            best = {"validation_accuracy": val_accuracy, "outer": outer, "step": record["step"]}
-            best_params = jax.tree.map(jnp.copy, state.params)  # the state's own buffers are donated
-            if is_main and args.output_dir:
-                write_params(os.path.join(args.output_dir, "best_params.msgpack"),
-                             jax.device_get(flax.jax_utils.unreplicate(best_params)))
-        if target is None and val_accuracy >= args.target_accuracy:
-            target = {"outer": outer, "step": record["step"], "train_seconds": train_seconds,
-                      "elapsed_seconds": record["elapsed_seconds"]}
-        record["best_validation_accuracy"] = best["validation_accuracy"]
-        log(f"outer {outer}/{args.outer_steps} step {record['step']}: loss {loss:.4f} "
-            f"train acc {train_accuracy:.4f} val acc {val_accuracy:.4f} (best {best['validation_accuracy']:.4f} "
-            f"@ outer {best['outer']}) | {inner_seconds:.2f}s {record['images_per_second']:,.0f} img/s "
-            f"| elapsed {record['elapsed_seconds']:.1f}s" + (" (includes compilation)" if outer == 1 else ""))
-        if metrics_file:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-        if target is not None and args.stop_at_target:
-            log(f"stopping: reached --target-accuracy {args.target_accuracy}")
-            break
 
+def summarise(args, prepared: Prepared, p: dict, best_params, progress: dict, log) -> dict:
+    best, target = progress["best"], progress["target"]
     summary = {"best": best, "target": target, "target_accuracy": args.target_accuracy,
-               "final_loss": loss, "train_seconds": train_seconds}
+               "final_loss": progress["loss"], "train_seconds": progress["train_seconds"]}
     if target:
         log(f"reached validation accuracy {args.target_accuracy} at outer {target['outer']} (step "
             f"{target['step']}) after {target['train_seconds']:.1f}s of training")
@@ -462,9 +642,6 @@ def run(args, prepared: Prepared | None = None, programs_cache: dict | None = No
         test_data, test_count = prepare_split(prepared.load("test"), "test", False, log)
         summary["test_accuracy"] = int(p["evaluate"](best_params, *test_data, 1)[0]) / test_count
         log(f"test accuracy of the best params (outer {best['outer']}): {summary['test_accuracy']:.4f}")
-    if metrics_file:
-        metrics_file.write(json.dumps({"summary": summary}) + "\n")
-        metrics_file.close()
     return summary
 
 
@@ -477,6 +654,12 @@ def main(argv=None) -> None:
     except Diverged as error:
         print(f"train.py: diverged: {error}", file=sys.stderr)
         sys.exit(3)
+    except Interrupted as error:
+        print(f"train.py: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except PeerError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        sys.exit(4)
 
 
 if __name__ == "__main__":

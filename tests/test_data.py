@@ -40,6 +40,19 @@ def test_pad_and_shard_pads_with_a_zero_mask():
     np.testing.assert_array_equal(images.reshape(8, 2, 2, 3)[:5], split.images)
 
 
+def test_a_process_without_examples_holds_padding_only():
+    split = data.Split(np.zeros((0, 2, 2, 3), np.uint8), np.zeros(0, np.int32))
+    images, labels, mask = data.pad_and_shard(split, devices=2, per_device=3)
+    assert images.shape == (2, 3, 2, 2, 3) and images.dtype == np.uint8 and not mask.any()
+
+
+def test_labels_outside_the_classes_are_refused_with_a_count_and_an_example():
+    split = data.Split(np.zeros((5, 2, 2, 3), np.uint8), np.array([0, 9, 10, -1, 3], np.int32))
+    with pytest.raises(data.DataError, match=r"the train split has 2 label\(s\) outside 0..9, e.g. 10 at example 2"):
+        data.check_labels(split, 10, "train")
+    assert data.check_labels(split._replace(labels=np.array([0, 9, 1, 2, 3], np.int32)), 10, "train")
+
+
 def test_synthetic_is_deterministic_balanced_and_split_per_process():
     a = data.synthetic_dataset(200, 8)
     np.testing.assert_array_equal(a.images, data.synthetic_dataset(200, 8).images)

@@ -48,3 +48,11 @@ def test_a_run_inside_a_sweep_equals_the_same_run_through_train_py(tmp_path):
     alone = read_metrics(tmp_path / "alone")[1]
     np.testing.assert_allclose([r["loss"] for r in inside], [r["loss"] for r in alone], rtol=1e-6)
     assert [r["validation_accuracy"] for r in inside] == [r["validation_accuracy"] for r in alone]
+
+
+def test_each_optimiser_may_have_its_own_rates(tmp_path):
+    grid, base = sweep.parse_args(["--optimisers", "lamb,sgd", "--learning-rates", "0.001", "--sgd-rates", "0.1,0.3",
+                                   "--seeds", "0,1", "--output-dir", str(tmp_path), *FIXED])
+    assert [p.run_name for p in sweep.grid_points(grid, base)] == [
+        "lamb-lr0.001-wd0-constant-s0", "lamb-lr0.001-wd0-constant-s1", "sgd-lr0.1-m0.9-constant-s0",
+        "sgd-lr0.1-m0.9-constant-s1", "sgd-lr0.3-m0.9-constant-s0", "sgd-lr0.3-m0.9-constant-s1"]

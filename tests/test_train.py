@@ -174,6 +174,12 @@ def make_images(root, corrupt=False):
     (["--dataset", "folder", "--data-dir", "{corrupt}"], "cannot read image .*River_3.jpg"),
     (["--output-dir", "{file}"], "exists and is not a folder"),
     ([*SMALL, "--train-examples", "100000"], "--train-examples 100000 is outside 1..1600"),
+    ([*SMALL, "--synthetic-examples", "40"], "the validation split has 4 examples, fewer than the 8 devices"),
+    (["--coordinator-address", "nohost", "--num-processes", "2", "--process-id", "0"], "'nohost' is not host:port"),
+    (["--resume"], "--resume needs --output-dir"),
+    ([*SMALL, "--resume", "--output-dir", "{empty}"], "--resume: no checkpoint in"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be positive, got 0"),
+    (["--distributed-timeout", "0"], "--distributed-timeout must be positive, got 0"),
 ])
 def test_bad_input_exits_non_zero_with_one_line_naming_the_problem(tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
