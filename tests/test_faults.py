@@ -76,21 +76,20 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
     assert sorted(int(name) for name in os.listdir(tmp_path / "checkpoints")) == sorted({5, 6, best})
 
 
-@pytest.mark.parametrize("change,message", [
-    (["--optimiser", "adam"], "--optimiser 'lamb' -> 'adam'"),
-    (["--channels", "8,32"], "--channels [8, 16] -> [8, 32]"),
-    (["--inner-steps", "4"], "--inner-steps 3 -> 4"),
-    (["--schedule", "warmup_cosine", "--warmup-steps", "2"], "--schedule 'constant' -> 'warmup_cosine'"),
-])
-def test_a_checkpoint_of_a_different_run_is_refused(tmp_path, capsys, change, message):
+def test_a_checkpoint_of_a_different_run_is_refused(tmp_path, capsys):
     train.main([*RUN, "--outer-steps", "1", "--output-dir", str(tmp_path)])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        train.main([*RUN, "--outer-steps", "2", "--output-dir", str(tmp_path), *change])
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("train.py: error:") and "holds a checkpoint of a different run" in error
-    assert message in error and "\n" not in error
+    for change, message in [(["--optimiser", "adam"], "--optimiser 'lamb' -> 'adam'"),
+                            (["--channels", "8,32"], "--channels [8, 16] -> [8, 32]"),
+                            (["--inner-steps", "4"], "--inner-steps 3 -> 4"),
+                            (["--schedule", "warmup_cosine", "--warmup-steps", "2"],
+                             "--schedule 'constant' -> 'warmup_cosine'")]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            train.main([*RUN, "--outer-steps", "2", "--output-dir", str(tmp_path), *change])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("train.py: error:") and "holds a checkpoint of a different run" in error
+        assert message in error and "\n" not in error
     assert [r["outer"] for r in read_metrics(tmp_path)[1]] == [1]  # nothing overwritten
 
 
