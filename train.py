@@ -551,11 +551,10 @@ def initial_progress(args) -> dict:
             "loss": None, "train_seconds": 0.0, "elapsed_seconds": 0.0, "run": checkpoint.run_definition(args)}
 
 
-def outer_loops(args, prepared: Prepared, p: dict, checkpoints, resumed: dict | None, stop: StopSignals) -> dict:
-    """The outer loops (inner loop, validation, metrics line, checkpoint), then the summary."""
+def start(args, prepared: Prepared, p: dict, checkpoints, resumed: dict | None):
+    """(replicated state, best params, progress) fresh or from the checkpoint, and the metrics log to match."""
     log, is_main = prepared.log, jax.process_index() == 0
     state = with_hyperparams(create_state(p["model"], p["optimiser"], args.seed, p["image_shape"]), args)
-    step_examples = prepared.train_count * prepared.stride
     log(f"model: {param_count(state.params):,} params, {args.dtype}; {args.optimiser} lr {args.learning_rate:g} "
         f"({args.schedule}); {p['conv']} convs; inner loop {p['inner_mode']}; "
         f"microbatch {p['microbatch']} of {prepared.train_data[0].shape[1]} per device")
@@ -568,15 +567,33 @@ def outer_loops(args, prepared: Prepared, p: dict, checkpoints, resumed: dict | 
     header = {"config": dict(vars(args)), "inner_loop": p["inner_mode"], "conv": p["conv"],
               "microbatch": p["microbatch"], "devices": jax.device_count(), "processes": jax.process_count(),
               "backend": jax.default_backend(), "train_examples": prepared.train_count,
-              "validation_examples": prepared.val_count, "examples_per_step": step_examples, "jax": jax.__version__}
+              "validation_examples": prepared.val_count, "examples_per_step": prepared.train_count * prepared.stride,
+              "jax": jax.__version__}
     if is_main and args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
     metrics = MetricsLog(os.path.join(args.output_dir, "metrics.jsonl") if is_main and args.output_dir else None,
                          header, progress["outer"] if resumed else None)
+    return state, best_params, progress, metrics
+
+
+def outer_line(args, record: dict, best: dict, first: bool) -> str:
+    return (f"outer {record['outer']}/{args.outer_steps} step {record['step']}: loss {record['loss']:.4f} "
+            f"train acc {record['train_accuracy']:.4f} val acc {record['validation_accuracy']:.4f} "
+            f"(best {best['validation_accuracy']:.4f} @ outer {best['outer']}) | {record['inner_seconds']:.2f}s "
+            f"{record['images_per_second']:,.0f} img/s | elapsed {record['elapsed_seconds']:.1f}s"
+            + (" (includes compilation)" if first else ""))
+
+
+def outer_loops(args, prepared: Prepared, p: dict, checkpoints, resumed: dict | None, stop: StopSignals) -> dict:
+    """The outer loops (inner loop, validation, metrics line, checkpoint), then the summary."""
+    log, is_main = prepared.log, jax.process_index() == 0
+    step_examples = prepared.train_count * prepared.stride
+    state, best_params, progress, metrics = start(args, prepared, p, checkpoints, resumed)
     try:
         best, target, loss = progress["best"], progress["target"], progress["loss"]
+        first_outer = progress["outer"] + 1
         started = time.perf_counter() - progress["elapsed_seconds"]
-        for outer in range(progress["outer"] + 1, args.outer_steps + 1):
+        for outer in range(first_outer, args.outer_steps + 1):
             tick = time.perf_counter()
             finished = p["inner"](state, *prepared.train_data, should_stop=lambda: stop.received is not None)
             if finished is None:  # a stop signal came mid-loop: its steps are dropped, the checkpoint stands
@@ -608,10 +625,7 @@ def outer_loops(args, prepared: Prepared, p: dict, checkpoints, resumed: dict | 
                 target = {"outer": outer, "step": record["step"], "train_seconds": progress["train_seconds"],
                           "elapsed_seconds": record["elapsed_seconds"]}
             record["best_validation_accuracy"] = best["validation_accuracy"]
-            log(f"outer {outer}/{args.outer_steps} step {record['step']}: loss {loss:.4f} "
-                f"train acc {train_accuracy:.4f} val acc {val_accuracy:.4f} (best {best['validation_accuracy']:.4f} "
-                f"@ outer {best['outer']}) | {inner_seconds:.2f}s {record['images_per_second']:,.0f} img/s "
-                f"| elapsed {record['elapsed_seconds']:.1f}s" + (" (includes compilation)" if outer == 1 else ""))
+            log(outer_line(args, record, best, first=outer == first_outer))
             metrics.write(record)  # before the checkpoint: a resume may redo a line, never lose one
             progress.update(outer=outer, best=best, target=target, loss=loss,
                             elapsed_seconds=record["elapsed_seconds"])
