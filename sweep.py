@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 import statistics
-import sys
 
 import xla_setup  # noqa: F401  (must come before jax starts its backend)
 
@@ -240,16 +239,7 @@ def run_sweep(grid, base):
 
 
 def main(argv=None):
-    try:
-        run_sweep(*parse_args(argv))
-    except (train.UsageError, data.DataError) as error:
-        train.fail(str(error))
-    except train.Interrupted as error:
-        print(f"sweep.py: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
-    except train.PeerError as error:
-        print(f"sweep.py: error: {error}", file=sys.stderr)
-        sys.exit(4)
+    train.exit_on_failure("sweep.py", lambda: run_sweep(*parse_args(argv)))
 
 
 if __name__ == "__main__":

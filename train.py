@@ -659,21 +659,26 @@ def summarise(args, prepared: Prepared, p: dict, best_params, progress: dict, lo
     return summary
 
 
-def main(argv=None) -> None:
+def exit_on_failure(program: str, fn: Callable, *fn_args):
+    """fn(*fn_args); a failure the project knows ends the process with one line and its exit code:
+    2 bad flag or data, 3 diverged, 4 unreachable coordinator, 128 + signal when stopped by one."""
     try:
-        args = parse_args(argv)
-        run(args)
+        return fn(*fn_args)
     except (UsageError, data.DataError) as error:
         fail(str(error))
     except Diverged as error:
-        print(f"train.py: diverged: {error}", file=sys.stderr)
+        print(f"{program}: diverged: {error}", file=sys.stderr)
         sys.exit(3)
     except Interrupted as error:
-        print(f"train.py: {error}", file=sys.stderr)
+        print(f"{program}: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
     except PeerError as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
+        print(f"{program}: error: {error}", file=sys.stderr)
         sys.exit(4)
+
+
+def main(argv=None) -> None:
+    exit_on_failure("train.py", lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":
