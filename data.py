@@ -1,8 +1,9 @@
 """EuroSAT RGB (through TFDS or a local folder) and a synthetic stand-in, as uint8 arrays per process.
 
 Splits follow the experiment: the first 80% of EuroSAT's single `train` split trains, the next 10%
-validates, the last 10% is the held-out test set. Under several processes each one loads only its own
-contiguous slice of a split, the way `tfds.split_for_jax_process` slices it.
+validates, the last 10% is the held-out test set. Every source computes the same absolute bounds
+(`split_bounds`, `limit_train`) and, under several processes, the same contiguous slice per process
+(`process_slice`), so `--train-examples` can never reach into the validation or test images.
 """
 import concurrent.futures
 import os
@@ -13,7 +14,6 @@ from typing import NamedTuple
 import numpy as np
 
 SPLITS = ("train", "validation", "test")
-TFDS_SPLITS = {"train": "train[:80%]", "validation": "train[80%:90%]", "test": "train[90%:]"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 FOLDER_SPLIT_SEED = 0  # fixed, not --seed: the test split must never move between runs
 
@@ -41,6 +41,7 @@ def process_slice(start: int, stop: int, process_index: int, process_count: int)
 
 
 def limit_train(bounds: tuple[int, int], name: str, train_examples: int | None) -> tuple[int, int]:
+    """The first `train_examples` of the training split; other splits (and None) unchanged."""
     if name != "train" or train_examples is None:
         return bounds
     start, stop = bounds
@@ -121,15 +122,26 @@ def load_folder(root, name, process_index, process_count, train_examples=None):
     start, stop = limit_train(split_bounds(len(paths), name), name, train_examples)
     first, last = process_slice(start, stop, process_index, process_count)
     chosen = order[first:last]
+    if not len(chosen):  # this process holds padding only; it still needs the images' shape
+        return empty_split(decode_image(paths[order[0]]).shape)
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         images = list(pool.map(decode_image, [paths[i] for i in chosen]))
     shapes = {image.shape for image in images}
     if len(shapes) > 1:
         odd = next(paths[i] for i, image in zip(chosen, images) if image.shape != images[0].shape)
         raise DataError(f"image {odd} differs in size from the others ({sorted(shapes)}); all must match")
-    if not images:
-        return Split(np.zeros((0, 1, 1, 3), np.uint8), np.zeros((0,), np.int32))
     return Split(np.stack(images), labels[chosen])
+
+
+def folder_identity(root: str) -> str:
+    """What identifies a folder's data, not its path: the image count and a digest of every class, file
+    name and size (a resume on another folder, or on a changed one, must not pass as the same run)."""
+    import hashlib
+    _, paths, labels = list_folder(root)
+    digest = hashlib.sha256()
+    for path, label in zip(paths, labels):
+        digest.update(f"{label}/{os.path.basename(path)}/{os.path.getsize(path)}\n".encode())
+    return f"{len(paths)} images, sha256 {digest.hexdigest()[:16]}"
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -155,6 +167,18 @@ def check_download_possible(url: str, manual_dir: str | None) -> None:
                         f"reached to download it ({error}); {HOW_TO_GET_EUROSAT}") from None
 
 
+def empty_split(image_shape) -> Split:
+    return Split(np.zeros((0, *image_shape), np.uint8), np.zeros((0,), np.int32))
+
+
+def tfds_slice(name, total, process_index, process_count, train_examples=None) -> str | None:
+    """This process's share of a split of EuroSAT's `train` (`total` examples) as a TFDS split string with
+    absolute bounds, or None when it holds no example."""
+    start, stop = limit_train(split_bounds(total, name), name, train_examples)
+    first, last = process_slice(start, stop, process_index, process_count)
+    return f"train[{first}:{last}]" if last > first else None
+
+
 def load_tfds(name, data_dir, manual_dir, process_index, process_count, train_examples=None):
     import tensorflow_datasets as tfds
     builder = tfds.builder("eurosat/rgb", data_dir=data_dir)
@@ -166,8 +190,10 @@ def load_tfds(name, data_dir, manual_dir, process_index, process_count, train_ex
     except Exception as error:  # TFDS surfaces network, checksum and file errors with many types
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(f"EuroSAT is not available through TFDS ({reason[:200]}); {HOW_TO_GET_EUROSAT}") from None
-    split = TFDS_SPLITS[name] if train_examples is None or name != "train" else f"train[:{train_examples}]"
-    split = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
+    split = tfds_slice(name, builder.info.splits["train"].num_examples, process_index, process_count,
+                       train_examples)
+    if split is None:
+        return empty_split(builder.info.features["image"].shape)
     images, labels = [], []
     for image, label in tfds.as_numpy(builder.as_dataset(split=split, as_supervised=True)):
         images.append(image)

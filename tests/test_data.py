@@ -1,4 +1,5 @@
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -77,6 +78,8 @@ def test_folder_source_splits_80_10_10_without_overlap_and_keeps_pixels(tmp_path
     halves = [data.load_folder(str(root), "train", i, 2) for i in range(2)]
     np.testing.assert_array_equal(np.concatenate([h.images for h in halves]), splits["train"].images)
     assert len(data.load_folder(str(root), "train", 0, 1, train_examples=7).labels) == 7
+    empty = data.load_folder(str(root), "train", 2, 3, train_examples=2)  # 2 examples over 3 processes
+    assert empty.images.shape == (0, 8, 8, 3) and empty.images.dtype == np.uint8  # padding keeps the shape
 
 
 @pytest.mark.parametrize("breakage,message", [
@@ -110,13 +113,66 @@ def test_bad_folders_raise_a_message_naming_the_problem(tmp_path, breakage, mess
             data.load_folder(str(root), split, 0, 1)
 
 
-def test_tfds_source_through_mock_data(monkeypatch):
+class FakeEuroSAT:
+    """A prepared TFDS builder of `total` examples; image i holds i in its pixels and is labelled i % 10;
+    it resolves split strings with TFDS's own slicing rules (tfds.testing.mock_data ignores slices)."""
+
+    def __init__(self, total, tfds):
+        self.tfds, self.total = tfds, total
+        self.info = SimpleNamespace(splits={"train": SimpleNamespace(num_examples=total)},
+                                    features={"image": SimpleNamespace(shape=(4, 4, 3))})
+        self.requested = []
+
+    def is_prepared(self):
+        return True
+
+    def download_and_prepare(self, download_config=None):
+        pass
+
+    def as_dataset(self, split, as_supervised):
+        import tensorflow as tf
+        self.requested.append(split)
+        (bounds,) = self.tfds.core.ReadInstruction.from_spec(split).to_absolute(self.info.splits)
+        ids = np.arange(self.total)[bounds.from_:bounds.to]
+        images = np.zeros((len(ids), 4, 4, 3), np.uint8)
+        images[..., 0], images[..., 1] = (ids % 256)[:, None, None], (ids // 256)[:, None, None]
+        return tf.data.Dataset.from_tensor_slices((images, (ids % 10).astype(np.int64)))
+
+
+@pytest.fixture
+def fake_tfds(monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(data, "check_download_possible", lambda *args: None)  # mock_data never downloads
-    with tfds.testing.mock_data(num_examples=12):
-        split = data.load_tfds("train", None, None, 0, 1)
-    assert split.images.shape == (12, 64, 64, 3) and split.images.dtype == np.uint8
-    assert split.labels.dtype == np.int32 and 0 <= split.labels.min() and split.labels.max() < 10
+    builder = FakeEuroSAT(300, tfds)
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: builder)
+    return builder
+
+
+def ids_of(split):
+    return (split.images[:, 0, 0, 0].astype(int) + 256 * split.images[:, 0, 0, 1].astype(int)).tolist()
+
+
+def test_tfds_splits_are_80_10_10_and_train_examples_never_reach_validation_or_test(fake_tfds):
+    assert [ids_of(data.load_tfds(s, None, None, 0, 1)) for s in data.SPLITS] == [
+        list(range(240)), list(range(240, 270)), list(range(270, 300))]
+    assert ids_of(data.load_tfds("train", None, None, 0, 1, train_examples=7)) == list(range(7))
+    assert ids_of(data.load_tfds("validation", None, None, 0, 1, train_examples=7)) == list(range(240, 270))
+    for too_many in (241, 250, 301, 100_000):  # above the training split, and above the whole dataset
+        with pytest.raises(data.DataError, match=f"--train-examples {too_many} is outside 1..240"):
+            data.load_tfds("train", None, None, 0, 1, train_examples=too_many)
+    split = data.load_tfds("train", None, None, 0, 1)
+    assert split.images.dtype == np.uint8 and split.labels.dtype == np.int32
+    np.testing.assert_array_equal(split.labels, np.arange(240) % 10)
+
+
+def test_tfds_processes_load_contiguous_disjoint_slices_and_an_empty_one_holds_no_example(fake_tfds):
+    parts = [data.load_tfds("validation", None, None, i, 4) for i in range(4)]
+    assert sum((ids_of(p) for p in parts), []) == list(range(240, 270))
+    assert [len(p.labels) for p in parts] == [8, 8, 7, 7]
+    empty = data.load_tfds("train", None, None, 3, 4, train_examples=3)  # 3 examples over 4 processes
+    assert empty.images.shape == (0, 4, 4, 3) and empty.labels.shape == (0,)
+    assert data.tfds_slice("train", 27_000, 0, 1) == "train[0:21600]"
+    assert data.tfds_slice("validation", 27_000, 3, 4) == "train[23625:24300]"
+    assert data.tfds_slice("test", 27_000, 0, 1, train_examples=5) == "train[24300:27000]"
 
 
 def test_tfds_without_data_or_network_fails_fast_with_instructions(tmp_path):
