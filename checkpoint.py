@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+import data
+
 # Flags that change what a run computes. Everything else (device count, conv formulation, microbatch,
 # inner-loop mode, output paths) only changes how it is computed, so a run may resume on other hardware.
 RUN_DEFINITION = ("optimiser", "learning_rate", "weight_decay", "momentum", "schedule", "warmup_steps",
@@ -19,18 +21,24 @@ RUN_DEFINITION = ("optimiser", "learning_rate", "weight_decay", "momentum", "sch
                   "no_augment", "channels", "dense", "dtype")
 
 
+# Parts of the definition that are not flags, by how a message names them.
+NOT_FLAGS = {"data_files": "the images in --data-dir"}
+
+
 def run_definition(args) -> dict:
     definition = {key: getattr(args, key) for key in RUN_DEFINITION}
     definition["channels"] = list(definition["channels"])
     if args.schedule != "constant":  # the schedule's shape depends on the run's length; a constant one does not
         definition["outer_steps"] = args.outer_steps
+    if args.dataset == "folder":  # the folder's contents are the data, wherever the folder lies
+        definition["data_files"] = data.folder_identity(args.data_dir)
     return definition
 
 
 def differences(saved: dict, args) -> list[str]:
     """The flags whose values differ from those a checkpoint was written with, as readable strings."""
     current = run_definition(args)
-    return [f"--{key.replace('_', '-')} {saved.get(key)!r} -> {current.get(key)!r}"
+    return [f"{NOT_FLAGS.get(key) or '--' + key.replace('_', '-')} {saved.get(key)!r} -> {current.get(key)!r}"
             for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
 
 

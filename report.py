@@ -33,7 +33,8 @@ def load_runs(folder: str) -> list[dict]:
         diverged = any(r.get("diverged") or not math.isfinite(r.get("loss", 0.0)) for r in lines[1:])
         status = "diverged" if diverged else "crashed" if end.get("crashed") else \
             "ok" if "summary" in end else "cut off"
-        runs.append({"name": name, "header": lines[0], "config": lines[0]["config"], "records": records,
+        config = [line["config"] for line in lines if "config" in line][-1]  # a resumed run's own, if extended
+        runs.append({"name": name, "header": lines[0], "config": config, "records": records,
                      "summary": end.get("summary"), "status": status,
                      "best": max((r["validation_accuracy"] for r in records), default=0.0)})
     return runs

@@ -60,7 +60,8 @@ class Interrupted(Exception):
 # ----------------------------------------------------------------------------- flags
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)  # a prefix of one flag must never set another
     p.error = lambda message: fail(f"{message} (see --help)")  # one line, no usage dump
     add = p.add_argument
     add("--optimiser", choices=["lamb", "adam", "sgd"], default="lamb", help="optax optimiser")
@@ -111,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def fail(message: str):
-    print(f"train.py: error: {message}", file=sys.stderr)
+def fail(message: str, program: str = "train.py"):
+    print(f"{program}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -254,11 +255,22 @@ def inner_loop(state, images, labels, mask, *, steps, **step_kwargs):
     return lax.fori_loop(0, steps, body, (state, jnp.zeros((), jnp.float32)))
 
 
-def correct_count(params, images, labels, mask, stride, *, apply_fn, chunk):
-    """Correctly classified real examples over all devices; `stride` 8 picks the un-augmented images."""
+def step_agreeing_to_stop(state, images, labels, mask, stop_signal, **step_kwargs):
+    """train_step, plus the largest stop signal any process passed in: every process reads the same value
+    after the same step, so all of them stop together (a process that stopped alone would leave the
+    others waiting at the next all-reduce forever)."""
+    state, loss = train_step(state, images, labels, mask, **step_kwargs)
+    return state, loss, lax.pmax(stop_signal, AXIS)
+
+
+def evaluation_counts(params, images, labels, mask, stride, *, apply_fn, chunk):
+    """(correctly classified, with a non-finite logit) real examples over all devices; `stride` 8 picks the
+    un-augmented images. The second count catches params that the last update blew up, which the loss
+    (computed before that update) cannot show."""
     def count(x, y, m):
-        predictions = jnp.argmax(apply_fn({"params": params}, x), axis=-1)  # (n,)
-        return jnp.sum((predictions == y) * m)
+        logits = apply_fn({"params": params}, x)  # (n, classes)
+        predictions = jnp.argmax(logits, axis=-1)  # (n,)
+        return jnp.sum((predictions == y) * m), jnp.sum(~jnp.all(jnp.isfinite(logits), axis=-1) * m)
     return lax.psum(summed_over_chunks(count, (images[::stride], labels[::stride], mask[::stride]), chunk), AXIS)
 
 
@@ -430,23 +442,27 @@ def build_programs(args, prepared: Prepared) -> dict:
         loop = jax.pmap(functools.partial(inner_loop, steps=args.inner_steps, **step_kwargs),
                         axis_name=AXIS, donate_argnums=0)
 
-        def inner(state, *batch, should_stop):  # one program: a stop request waits for its end
+        def inner(state, *batch, stop):  # one program: a stop request waits for its end
             return loop(state, *batch)
     else:
-        step = jax.pmap(functools.partial(train_step, **step_kwargs), axis_name=AXIS, donate_argnums=0)
+        step = jax.pmap(functools.partial(step_agreeing_to_stop, **step_kwargs), axis_name=AXIS,
+                        donate_argnums=0)
 
-        def inner(state, *batch, should_stop):
-            """The inner steps, or None when should_stop() turns true before they are all done."""
-            loss = None
+        def inner(state, *batch, stop):
+            """The inner steps, or None when a stop signal came before they were all done."""
+            loss, agreed = None, None
             for _ in range(args.inner_steps):
-                if should_stop():
+                if jax.process_count() == 1 and stop.received:  # alone, no need to wait for an agreement
+                    stop.agreed = stop.received
                     return None
-                state, next_loss = step(state, *batch)
-                if loss is not None:
-                    loss.block_until_ready()  # one step queued at most, so a stop request acts within a step
-                loss = next_loss
+                state, next_loss, next_agreed = step(state, *batch, stop.flags())
+                if agreed is not None and int(agreed[0]):  # waits for the step before: one step queued at most
+                    next_loss.block_until_ready()  # every process launched this step; let it end everywhere
+                    stop.agreed = int(agreed[0])
+                    return None
+                loss, agreed = next_loss, next_agreed
             return state, loss
-    evaluate = jax.pmap(functools.partial(correct_count, apply_fn=model.apply, chunk=microbatch),
+    evaluate = jax.pmap(functools.partial(evaluation_counts, apply_fn=model.apply, chunk=microbatch),
                         axis_name=AXIS, static_broadcasted_argnums=4)
     return dict(model=model, optimiser=optimiser, inner=inner, evaluate=evaluate, inner_mode=inner_mode,
                 conv=model.conv, microbatch=microbatch, image_shape=image_shape)
@@ -459,13 +475,18 @@ def program_key(args) -> tuple:
 
 class StopSignals:
     """Turns SIGTERM and SIGINT (what a preemption or Ctrl-C sends) into a request the run acts on at the
-    next step boundary, so it can leave a complete checkpoint behind. A second signal stops at once."""
+    next step boundary, so it can leave a complete checkpoint behind. A second signal stops at once.
+
+    On a pod the signal reaches the processes at different moments, so no process stops on its own
+    word: `received` is this process's request, `agreed` the largest signal all processes passed on at
+    the same step (or outer loop) boundary, which is what they all act on."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __enter__(self):
-        self.received = None
+        self.received, self.agreed = None, None
         self.previous = {}
+        self._agree = jax.pmap(lambda signum: lax.pmax(signum, AXIS), axis_name=AXIS)
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
             self.previous = {s: signal.signal(s, self.record) for s in self.SIGNALS}
         return self
@@ -474,6 +495,15 @@ class StopSignals:
         if self.received is not None:
             raise KeyboardInterrupt
         self.received = signum
+
+    def flags(self) -> np.ndarray:
+        """This process's request for each of its devices (0: none), for a step to agree on."""
+        return np.full(jax.local_device_count(), self.received or 0, np.int32)
+
+    def agree(self) -> int | None:
+        """Every process together (a collective): the largest signal any of them received, or None."""
+        self.agreed = int(self._agree(self.flags())[0]) or None
+        return self.agreed
 
     def __exit__(self, *exception):
         for s, handler in self.previous.items():
@@ -492,11 +522,29 @@ def resume_point(args, checkpoints) -> dict | None:
         if args.resume:
             raise UsageError(f"--resume: no checkpoint in {args.output_dir}")
         return None
-    changed = checkpoint.differences(progress["run"], args)
+    refuse_other_run(progress["run"], args)
+    return progress
+
+
+def refuse_other_run(saved_definition: dict, args) -> None:
+    """UsageError naming each flag in which `args` defines another run than the one saved."""
+    changed = checkpoint.differences(saved_definition, args)
     if changed:
         raise UsageError(f"{args.output_dir} holds a checkpoint of a different run ({'; '.join(changed)}); "
                          "use another --output-dir, or delete that one to start over")
-    return progress
+
+
+def target_reached(history: list[dict], target_accuracy: float) -> dict | None:
+    """The first outer loop whose validation accuracy reached the target, recomputed from the records
+    (the target is a reporting setting: a resumed run may ask for another)."""
+    return next(({k: h[k] for k in ("outer", "step", "train_seconds", "elapsed_seconds")} for h in history
+                 if h["validation_accuracy"] >= target_accuracy), None)
+
+
+def finished(args, progress: dict) -> bool:
+    """Whether the run has nothing left to do: all its outer loops, or the target with --stop-at-target."""
+    return progress["outer"] >= args.outer_steps or bool(
+        args.stop_at_target and target_reached(progress["history"], args.target_accuracy))
 
 
 class MetricsLog:
@@ -512,8 +560,10 @@ class MetricsLog:
             with open(path) as f:
                 earlier = [json.loads(line) for line in f if line.strip()]
             lines = [json.dumps(r) for r in earlier if r.get("outer", 0) <= resumed_after and "summary" not in r]
-            lines.append(json.dumps({"resumed_after_outer": resumed_after, "devices": jax.device_count(),
-                                     "processes": jax.process_count(), "time": time.time()}))
+            # The resumed run's own config (e.g. more outer loops): readers take the last config line.
+            lines.append(json.dumps({"resumed_after_outer": resumed_after, "config": header["config"],
+                                     "devices": jax.device_count(), "processes": jax.process_count(),
+                                     "time": time.time()}))
         with open(path + ".tmp", "w") as f:
             f.write("\n".join(lines) + "\n")
         os.replace(path + ".tmp", path)
@@ -529,25 +579,49 @@ class MetricsLog:
             self.file.close()
 
 
-def run(args, prepared: Prepared | None = None, programs_cache: dict | None = None) -> dict:
+class Shared:
+    """What the runs of one process share: the data on the devices, loaded at the first run that needs it
+    (a sweep of finished runs loads nothing), and the compiled programs by program_key."""
+
+    def __init__(self, args):
+        self.args, self._prepared, self.programs = args, None, {}
+
+    def prepared(self) -> Prepared:
+        if self._prepared is None:
+            self._prepared = prepare(self.args)
+        return self._prepared
+
+
+def run(args, shared: Shared | None = None) -> dict:
     """One training run; a sweep passes the data and the compiled programs it shares between runs."""
+    shared = shared or Shared(args)
     init_distributed(args)
+    with StopSignals() as stop:  # until the last checkpoint is written: a signal then must not kill the write
+        return run_with_checkpoints(args, shared, stop)
+
+
+def run_with_checkpoints(args, shared: Shared, stop: StopSignals) -> dict:
     checkpoints = checkpoint.manager(args.output_dir, args.keep_checkpoints) if args.output_dir else None
     try:
         resumed = resume_point(args, checkpoints)  # before loading data: a refusal should come at once
-        prepared = prepared or prepare(args)
-        cache = programs_cache if programs_cache is not None else {}
-        if program_key(args) not in cache:
-            cache[program_key(args)] = build_programs(args, prepared)
-        with StopSignals() as stop:
-            return outer_loops(args, prepared, cache[program_key(args)], checkpoints, resumed, stop)
+        if resumed and finished(args, resumed):
+            if jax.process_index() == 0:
+                print(f"{args.output_dir}: finished earlier (outer loop {resumed['outer']} of {args.outer_steps}"
+                      + (", target reached" if resumed["outer"] < args.outer_steps else "") + "); nothing to do",
+                      flush=True)
+            if not args.eval_test:  # nothing to compute: no data to load
+                return summarise(args, None, None, None, resumed, lambda *a: None)
+        prepared = shared.prepared()
+        if program_key(args) not in shared.programs:
+            shared.programs[program_key(args)] = build_programs(args, prepared)
+        return outer_loops(args, prepared, shared.programs[program_key(args)], checkpoints, resumed, stop)
     finally:
         if checkpoints:
             checkpoints.close()  # waits for a save still being written
 
 
 def initial_progress(args) -> dict:
-    return {"outer": 0, "best": {"validation_accuracy": -1.0, "outer": None, "step": None}, "target": None,
+    return {"outer": 0, "best": {"validation_accuracy": -1.0, "outer": None, "step": None}, "history": [],
             "loss": None, "train_seconds": 0.0, "elapsed_seconds": 0.0, "run": checkpoint.run_definition(args)}
 
 
@@ -568,10 +642,11 @@ def start(args, prepared: Prepared, p: dict, checkpoints, resumed: dict | None):
               "microbatch": p["microbatch"], "devices": jax.device_count(), "processes": jax.process_count(),
               "backend": jax.default_backend(), "train_examples": prepared.train_count,
               "validation_examples": prepared.val_count, "examples_per_step": prepared.train_count * prepared.stride,
-              "jax": jax.__version__}
+              "jax": jax.__version__, "run": progress["run"]}
     if is_main and args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
-    metrics = MetricsLog(os.path.join(args.output_dir, "metrics.jsonl") if is_main and args.output_dir else None,
+    write = is_main and args.output_dir and not finished(args, progress)  # a finished run's files stay as they are
+    metrics = MetricsLog(os.path.join(args.output_dir, "metrics.jsonl") if write else None,
                          header, progress["outer"] if resumed else None)
     return state, best_params, progress, metrics
 
@@ -590,26 +665,32 @@ def outer_loops(args, prepared: Prepared, p: dict, checkpoints, resumed: dict | 
     step_examples = prepared.train_count * prepared.stride
     state, best_params, progress, metrics = start(args, prepared, p, checkpoints, resumed)
     try:
-        best, target, loss = progress["best"], progress["target"], progress["loss"]
+        best, loss = progress["best"], progress["loss"]
         first_outer = progress["outer"] + 1
         started = time.perf_counter() - progress["elapsed_seconds"]
-        for outer in range(first_outer, args.outer_steps + 1):
+        while not finished(args, progress):
+            outer = progress["outer"] + 1
+            if stop.agree():  # every process takes part, so all stop before the same outer loop
+                raise Interrupted(stop.agreed, outer, progress["outer"], args.output_dir)
             tick = time.perf_counter()
-            finished = p["inner"](state, *prepared.train_data, should_stop=lambda: stop.received is not None)
-            if finished is None:  # a stop signal came mid-loop: its steps are dropped, the checkpoint stands
-                raise Interrupted(stop.received, outer, progress["outer"], args.output_dir)
-            state, loss = finished
+            done = p["inner"](state, *prepared.train_data, stop=stop)
+            if done is None:  # a stop signal came mid-loop: its steps are dropped, the checkpoint stands
+                raise Interrupted(stop.agreed, outer, progress["outer"], args.output_dir)
+            state, loss = done
             loss = float(loss[0])  # waits for the inner loop to finish
             inner_seconds = time.perf_counter() - tick
-            if not math.isfinite(loss):
+            val_correct, val_broken = (int(c[0]) for c in p["evaluate"](state.params, *prepared.val_data, 1))
+            train_correct, train_broken = (int(c[0]) for c in p["evaluate"](state.params, *prepared.train_data,
+                                                                             prepared.stride))
+            if not math.isfinite(loss) or val_broken or train_broken:
                 metrics.write({"outer": outer, "diverged": True, "loss": str(loss)})
-                raise Diverged(f"loss is {loss} after outer loop {outer} (step {outer * args.inner_steps}); "
-                               f"last finite loss {progress['loss']}; " + (
+                raise Diverged(f"{'loss is ' + str(loss) if not math.isfinite(loss) else 'logits are not finite'} "
+                               f"after outer loop {outer} (step {outer * args.inner_steps}); last finite loss "
+                               f"{progress['loss']}; " + (
                                    f"best validation accuracy {best['validation_accuracy']:.4f} at outer "
                                    f"{best['outer']} (kept)" if best["outer"] else "no validation before it"))
             progress["train_seconds"] += inner_seconds
-            val_accuracy = int(p["evaluate"](state.params, *prepared.val_data, 1)[0]) / prepared.val_count
-            train_accuracy = int(p["evaluate"](state.params, *prepared.train_data, prepared.stride)[0]) / prepared.train_count
+            val_accuracy, train_accuracy = val_correct / prepared.val_count, train_correct / prepared.train_count
             record = {"outer": outer, "step": outer * args.inner_steps, "loss": loss,
                       "train_accuracy": train_accuracy, "validation_accuracy": val_accuracy,
                       "inner_seconds": inner_seconds,
@@ -621,21 +702,16 @@ def outer_loops(args, prepared: Prepared, p: dict, checkpoints, resumed: dict | 
                 if is_main and args.output_dir:
                     write_params(os.path.join(args.output_dir, "best_params.msgpack"),
                                  jax.device_get(flax.jax_utils.unreplicate(best_params)))
-            if target is None and val_accuracy >= args.target_accuracy:
-                target = {"outer": outer, "step": record["step"], "train_seconds": progress["train_seconds"],
-                          "elapsed_seconds": record["elapsed_seconds"]}
             record["best_validation_accuracy"] = best["validation_accuracy"]
             log(outer_line(args, record, best, first=outer == first_outer))
             metrics.write(record)  # before the checkpoint: a resume may redo a line, never lose one
-            progress.update(outer=outer, best=best, target=target, loss=loss,
-                            elapsed_seconds=record["elapsed_seconds"])
+            progress["history"].append({k: record[k] for k in ("outer", "step", "validation_accuracy",
+                                                               "train_seconds", "elapsed_seconds")})
+            progress.update(outer=outer, best=best, loss=loss, elapsed_seconds=record["elapsed_seconds"])
             if checkpoints:
                 checkpoint.save(checkpoints, state, best_params, progress, val_accuracy)
-            if stop.received is not None:
-                raise Interrupted(stop.received, outer, outer, args.output_dir)
-            if target is not None and args.stop_at_target:
+            if args.stop_at_target and finished(args, progress) and outer < args.outer_steps:
                 log(f"stopping: reached --target-accuracy {args.target_accuracy}")
-                break
         summary = summarise(args, prepared, p, best_params, progress, log)
         metrics.write({"summary": summary})
         return summary
@@ -643,8 +719,8 @@ def outer_loops(args, prepared: Prepared, p: dict, checkpoints, resumed: dict | 
         metrics.close()
 
 
-def summarise(args, prepared: Prepared, p: dict, best_params, progress: dict, log) -> dict:
-    best, target = progress["best"], progress["target"]
+def summarise(args, prepared: Prepared | None, p: dict | None, best_params, progress: dict, log) -> dict:
+    best, target = progress["best"], target_reached(progress["history"], args.target_accuracy)
     summary = {"best": best, "target": target, "target_accuracy": args.target_accuracy,
                "final_loss": progress["loss"], "train_seconds": progress["train_seconds"]}
     if target:
@@ -654,7 +730,7 @@ def summarise(args, prepared: Prepared, p: dict, best_params, progress: dict, lo
         log(f"did not reach validation accuracy {args.target_accuracy}; best {best['validation_accuracy']:.4f}")
     if args.eval_test:
         test_data, test_count = prepare_split(prepared.load("test"), "test", False, log)
-        summary["test_accuracy"] = int(p["evaluate"](best_params, *test_data, 1)[0]) / test_count
+        summary["test_accuracy"] = int(p["evaluate"](best_params, *test_data, 1)[0][0]) / test_count
         log(f"test accuracy of the best params (outer {best['outer']}): {summary['test_accuracy']:.4f}")
     return summary
 
@@ -665,12 +741,15 @@ def exit_on_failure(program: str, fn: Callable, *fn_args):
     try:
         return fn(*fn_args)
     except (UsageError, data.DataError) as error:
-        fail(str(error))
+        fail(str(error), program)
     except Diverged as error:
         print(f"{program}: diverged: {error}", file=sys.stderr)
         sys.exit(3)
     except Interrupted as error:
         print(f"{program}: {error}", file=sys.stderr)
+        # The checkpoint is complete; the other processes of a pod may get their SIGTERM while this one shuts
+        # down (Python restores the default, fatal, handler then): ignored, so it still exits 128 + signal.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         sys.exit(error.exit_code)
     except PeerError as error:
         print(f"{program}: error: {error}", file=sys.stderr)

@@ -1,19 +1,24 @@
 """Checkpoint and resume, stop signals, and processes that vanish."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
 
+import data
 import train
 from conftest import ROOT
 from helpers import SMALL, read_metrics, run_train
+from model import ConvNet
 from test_train import free_port
 
 RUN = [*SMALL, "--synthetic-examples", "300", "--inner-steps", "3"]
@@ -174,3 +179,105 @@ def test_metrics_lines_are_on_disk_as_each_outer_loop_ends(tmp_path):
     with open(tmp_path / "metrics.jsonl") as f:
         lines = [json.loads(line) for line in f]
     assert "config" in lines[0] and [r["outer"] for r in lines[1:3]] == [1, 2]
+
+
+@pytest.mark.parametrize("inner_loop,signalled", [("python", [1]), ("compiled", [0, 1])])
+def test_processes_signalled_at_different_moments_stop_together_after_the_same_outer_loop(
+        tmp_path, inner_loop, signalled):
+    """A pod's preemption reaches its hosts at different moments (or only some of them): every process must
+    agree to stop at the same boundary, leave the same checkpoint, and exit 128 + signal; none may wait for
+    the others at an all-reduce forever."""
+    args = [*RUN, "--inner-steps", "5", "--outer-steps", "40", "--inner-loop", inner_loop,
+            "--output-dir", str(tmp_path)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    port = free_port()
+    processes = [subprocess.Popen(
+        [sys.executable, "train.py", *args, "--coordinator-address", f"localhost:{port}", "--num-processes", "2",
+         "--process-id", str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    try:
+        wait_for_records(tmp_path, 2, processes[0])
+        for number, process in enumerate(signalled):
+            time.sleep(0.5 * bool(number))
+            processes[process].send_signal(signal.SIGTERM)
+        errors = [p.communicate(timeout=120)[1] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2, errors[0][-2000:] + errors[1][-2000:]
+    lasts = [[line for line in e.splitlines() if line.strip()][-1] for e in errors]
+    checkpointed = latest_checkpoint(tmp_path)[0]
+    for last in lasts:
+        assert last.startswith("train.py: stopped by SIGTERM during outer loop ")
+        assert f"the checkpoint after outer loop {checkpointed} " in last
+    assert lasts[0] == lasts[1]  # the same outer loop, the same checkpoint
+    assert [r["outer"] for r in read_metrics(tmp_path)[1]][-1] == checkpointed
+
+
+def test_a_resumed_run_recomputes_the_target_from_its_records(tmp_path):
+    """--target-accuracy is a reporting setting: a resume that asks for another must not report the old one."""
+    train.main([*RUN, "--outer-steps", "2", "--target-accuracy", "0.01", "--output-dir", str(tmp_path)])
+    assert read_metrics(tmp_path)[2]["target"]["outer"] == 1
+    train.main([*RUN, "--outer-steps", "3", "--target-accuracy", "0.999", "--output-dir", str(tmp_path)])
+    header, records, summary = read_metrics(tmp_path)
+    assert max(r["validation_accuracy"] for r in records) < 0.999 and summary["target"] is None
+    # The resume line carries the extended run's config, and report.py reads it.
+    with open(tmp_path / "metrics.jsonl") as f:
+        resumed = [json.loads(line) for line in f if "resumed_after_outer" in line]
+    assert resumed[0]["config"]["outer_steps"] == 3 and header["config"]["outer_steps"] == 2
+    import report
+    shutil.copy(tmp_path / "metrics.jsonl", tmp_path / "extended.metrics.jsonl")
+    (run,) = report.load_runs(str(tmp_path))
+    assert run["config"]["outer_steps"] == 3 and run["config"]["target_accuracy"] == 0.999
+
+
+def test_rerunning_a_finished_run_changes_nothing(tmp_path, capsys):
+    command = [*RUN, "--outer-steps", "3", "--target-accuracy", "0.01", "--stop-at-target",
+               "--output-dir", str(tmp_path)]
+    train.main(command)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    assert [r["outer"] for r in read_metrics(tmp_path)[1]] == [1]  # the target is reached at once
+    for _ in range(2):
+        capsys.readouterr()
+        train.main(command)
+        assert "finished earlier (outer loop 1 of 3, target reached); nothing to do" in capsys.readouterr().out
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert latest_checkpoint(tmp_path)[0] == 1
+
+
+def test_a_checkpoint_of_another_image_folder_is_refused_and_the_same_images_elsewhere_resume(tmp_path, capsys):
+    from test_train import make_images
+    first = make_images(tmp_path / "first", per_class=40)  # 8 validation images: one per device
+    shutil.copytree(first, tmp_path / "copy")
+    shutil.copytree(first, tmp_path / "other")
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(tmp_path / "other" / "River" / "River_0.png")  # one image replaced
+    (tmp_path / "other" / "River" / "River_0.jpg").unlink()
+    folder = ["--dataset", "folder", "--channels", "4", "--dense", "4", "--inner-steps", "1",
+              "--output-dir", str(tmp_path / "run")]
+    train.main([*folder, "--data-dir", str(first), "--outer-steps", "1"])
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*folder, "--data-dir", str(tmp_path / "other"), "--outer-steps", "2"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert "holds a checkpoint of a different run (the images in --data-dir '80 images, sha256" in error
+    train.main([*folder, "--data-dir", str(tmp_path / "copy"), "--outer-steps", "2"])  # same images, other path
+    assert "resuming after outer loop 1" in capsys.readouterr().out
+
+
+def test_an_update_that_blows_up_the_params_is_caught_in_its_own_outer_loop(tmp_path):
+    """The loss checked is the one before the last update, so divergence shows in the logits after it: the
+    outer loop whose update blew up is never recorded or kept as the best."""
+    result = run_train([*RUN, "--inner-steps", "1", "--outer-steps", "4", "--optimiser", "adam", "--learning-rate",
+                        "1e30", "--schedule", "warmup_linear", "--warmup-steps", "2", "--output-dir", str(tmp_path)],
+                       check=False)
+    assert result.returncode == 3, result.stderr[-2000:]
+    message = [line for line in result.stderr.splitlines() if "diverged" in line]
+    assert len(message) == 1 and "logits are not finite after outer loop 2 " in message[0], result.stderr[-2000:]
+    header, records, _ = read_metrics(tmp_path)
+    assert [r["outer"] for r in records] == [1, 2] and records[-1].get("diverged")
+    best_params = flax.serialization.msgpack_restore((tmp_path / "best_params.msgpack").read_bytes())
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(best_params))
+    model = ConvNet(channels=(8, 16), dense=16)
+    validation = data.load_synthetic("validation", 300, 16, 0, 1)
+    predictions = np.argmax(np.asarray(model.apply({"params": best_params}, validation.images)), -1)
+    assert (predictions == validation.labels).sum() / len(predictions) == records[0]["validation_accuracy"]

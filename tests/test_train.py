@@ -50,9 +50,10 @@ def test_padded_sharded_step_equals_the_unpadded_single_device_computation(micro
     # Plain SGD with rate 1: new = old - grad, so the applied gradient is old - new.
     applied = jax.tree.map(lambda old, new: old - new[0], params, new_state.params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), applied, grads)
-    evaluate = jax.pmap(functools.partial(train.correct_count, apply_fn=model.apply, chunk=microbatch),
+    evaluate = jax.pmap(functools.partial(train.evaluation_counts, apply_fn=model.apply, chunk=microbatch),
                         axis_name=train.AXIS, static_broadcasted_argnums=4)
-    assert int(evaluate(state.params, *batch, 1)[0]) == correct
+    counts = evaluate(state.params, *batch, 1)
+    assert int(counts[0][0]) == correct and int(counts[1][0]) == 0
 
 
 @pytest.mark.parametrize("chunk", [0, 1, 4, 5, 9])
@@ -147,11 +148,11 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
         assert [r[key] for r in multi[1]] == [r[key] for r in single[1]]
 
 
-def make_images(root, corrupt=False):
+def make_images(root, corrupt=False, per_class=10):
     from PIL import Image
     for name in ("Forest", "River"):
         os.makedirs(root / name)
-        for i in range(10):
+        for i in range(per_class):
             Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(root / name / f"{name}_{i}.jpg")
     if corrupt:
         (root / "River" / "River_3.jpg").write_bytes(b"\xff\xd8 truncated")
