@@ -3,10 +3,11 @@
     python bench.py --batch 2048 --devices 8 --compare          # CPU, 8 emulated devices
     python bench.py --batch 172800 --dtype bfloat16             # one GPU, the blog's batch
 
-Times the same pmapped step and inner loop train.py runs, on random uint8 images made on the devices.
-`--compare` also times a reference written the straightforward way (float32 images, the original's
-psum of per-device mean gradients, a Python loop of pmapped steps) so that speed-ups are ratios from
-one run. Prints a table; `--json PATH` also writes the figures.
+Times the same pmapped step and inner loop train.py runs, on random uint8 images made with NumPy on the
+host and placed on the devices. `--compare` also times a reference written the straightforward way
+(float32 images, per-device mean gradients averaged over the devices with `pmean`, a Python loop of
+pmapped steps; the original psum'd those means, which differs only by the device count as a factor)
+so that speed-ups are ratios from one run. Prints a table; `--json PATH` also writes the figures.
 """
 import argparse
 import functools
@@ -103,7 +104,7 @@ def random_batch(per_device, image_size, float_images=False):
 
 
 def reference_step(state, images, labels):
-    """The original's structure: per-device mean loss, gradient psum'd and divided by the device count."""
+    """The original's structure: per-device mean loss and gradient, averaged over the devices (pmean)."""
     def mean_loss(params):
         logits = state.apply_fn({"params": params}, images)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()

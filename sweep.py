@@ -6,8 +6,9 @@
 The data is loaded and augmented once and stays on the devices; rates, weight decays and momenta live
 in the optimiser state, so each optimiser's step compiles once for the whole grid. Every run writes
 `<output-dir>/<run>/metrics.jsonl`; the sweep writes `leaderboard.md`, `leaderboard.csv`, `curves.png`
-and `accuracy_vs_rate.png`. Re-running the same command skips the runs already finished. On a pod, run
-the same command on every host.
+and `accuracy_vs_rate.png`. Re-running the same command skips the runs already finished and resumes the
+others; a run folder holding a run of another definition is refused. On a pod, run the same command on
+every host.
 """
 import argparse
 import copy
@@ -22,15 +23,20 @@ import xla_setup  # noqa: F401  (must come before jax starts its backend)
 import jax
 import numpy as np
 
+import checkpoint
 import data
 import train
 
+# A sweep's list flag for each train.py flag it varies: the single-value form would be overwritten by the grid.
+SWEPT = {"--optimiser": "--optimisers", "--learning-rate": "--learning-rates (or --lamb-rates, ...)",
+         "--seed": "--seeds", "--weight-decay": "--weight-decays", "--momentum": "--momenta"}
 COLUMNS = ["rank", "run", "optimiser", "learning_rate", "weight_decay", "momentum", "seed", "schedule", "status",
            "best_validation_accuracy", "best_outer", "best_step", "target_step", "target_seconds", "final_loss"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # --weight-decay must not pass for --weight-decays
     p.add_argument("--optimisers", default="lamb,adam,sgd", help="comma separated, from lamb, adam, sgd")
     p.add_argument("--learning-rates", default="1e-3,3e-3,1e-2", help="peak learning rates, comma separated")
     for name in ("lamb", "adam", "sgd"):  # good rates differ by orders of magnitude between optimisers
@@ -39,8 +45,11 @@ def parse_args(argv=None):
     p.add_argument("--weight-decays", default="0", help="for lamb and adam, comma separated")
     p.add_argument("--momenta", default="0.9", help="for sgd, comma separated")
     p.add_argument("--output-dir", required=True, help="one folder per run, and the leaderboard")
-    p.error = lambda message: train.fail(f"{message} (see sweep.py --help)")
+    p.error = lambda message: train.fail(f"{message} (see sweep.py --help)", "sweep.py")
     sweep, fixed = p.parse_known_args(argv)
+    for flag, listed in SWEPT.items():
+        if any(a == flag or a.startswith(flag + "=") for a in fixed):
+            raise train.UsageError(f"{flag} is swept by sweep.py: give its values as {listed}")
     try:
         rates = {name: [float(v) for v in (getattr(sweep, f"{name}_rates") or sweep.learning_rates).split(",")]
                  for name in ("lamb", "adam", "sgd")}
@@ -197,33 +206,65 @@ def write_plots(output_dir, rows):
     plt.close(figure)
 
 
-def finished_on_process_0(args) -> bool:
-    """Whether process 0's files show the run finished; every process takes its answer."""
-    finished = jax.process_index() == 0 and read_run(args.output_dir) is not None
-    if jax.process_count() == 1:
-        return finished
-    from jax.experimental import multihost_utils
-    return bool(multihost_utils.broadcast_one_to_all(np.int32(finished)))
+RUN, SKIP, REFUSE = 0, 1, 2
+
+
+def log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def ended_on_process_0(args) -> int:
+    """RUN, or SKIP for a run whose metrics end in a divergence or crash (running it again would repeat
+    that), or REFUSE when the folder holds a run of another definition; every process takes process 0's
+    answer. A finished or half-finished run is RUN: train.run resumes it, or says it has nothing to do."""
+    verdict, message = RUN, ""
+    if jax.process_index() == 0:
+        ended = read_run(args.output_dir)
+        header = ended[0] if ended else read_header(args.output_dir)
+        saved = header and (header.get("run") or checkpoint.run_definition(argparse.Namespace(**header["config"])))
+        try:
+            if saved:
+                train.refuse_other_run(saved, args)
+        except train.UsageError as error:
+            verdict, message = REFUSE, str(error)
+        else:
+            verdict = SKIP if ended and "summary" not in ended[2] else RUN
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        verdict = int(multihost_utils.broadcast_one_to_all(np.int32(verdict)))
+    if verdict == REFUSE:
+        raise train.UsageError(message or f"process 0 found a run of a different definition in {args.output_dir}")
+    return verdict
+
+
+def read_header(output_dir):
+    """The first line of a run's metrics.jsonl, or None."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        first = f.readline()
+    return json.loads(first) if first.strip() else None
 
 
 def run_sweep(grid, base):
     points = grid_points(grid, base)
     train.init_distributed(base)
-    prepared, programs = None, {}
+    shared = train.Shared(base)
     for number, args in enumerate(points, 1):
-        if finished_on_process_0(args):
-            print(f"[{number}/{len(points)}] {args.run_name}: finished earlier, skipped", flush=True)
+        if ended_on_process_0(args) == SKIP:
+            log(f"[{number}/{len(points)}] {args.run_name}: ended earlier (diverged or crashed), skipped")
             continue
-        prepared = prepared or train.prepare(base)
-        prepared.log(f"[{number}/{len(points)}] {args.run_name}")
+        log(f"[{number}/{len(points)}] {args.run_name}")
         try:
-            train.run(args, prepared, programs)
+            train.run(args, shared)
         except train.Diverged as error:
-            prepared.log(f"[{number}/{len(points)}] {args.run_name}: diverged: {error}")
+            log(f"[{number}/{len(points)}] {args.run_name}: diverged: {error}")
         except (KeyboardInterrupt, train.Interrupted, train.UsageError, train.PeerError, data.DataError):
             raise  # the sweep itself cannot go on; re-running the command resumes it
         except Exception as error:  # one broken run must not end the sweep; it is recorded as crashed
-            prepared.log(f"[{number}/{len(points)}] {args.run_name}: crashed: {type(error).__name__}: {error}")
+            log(f"[{number}/{len(points)}] {args.run_name}: crashed: {type(error).__name__}: {error}")
             if jax.process_index() == 0:
                 record_crash(args, error)
     if jax.process_index() != 0:

@@ -2,6 +2,7 @@ import csv
 import os
 
 import numpy as np
+import pytest
 
 import sweep
 import train
@@ -34,7 +35,8 @@ def test_a_tiny_sweep_ranks_runs_marks_divergence_and_resumes(tmp_path, capsys):
     stamps = {n: os.path.getmtime(out / n / "metrics.jsonl") for n in names}
     capsys.readouterr()
     sweep.run_sweep(*sweep.parse_args(argv))
-    assert capsys.readouterr().out.count("finished earlier, skipped") == 4
+    printed = capsys.readouterr().out
+    assert printed.count("finished earlier") + printed.count("ended earlier (diverged or crashed), skipped") == 4
     assert stamps == {n: os.path.getmtime(out / n / "metrics.jsonl") for n in names}
 
 
@@ -56,3 +58,28 @@ def test_each_optimiser_may_have_its_own_rates(tmp_path):
     assert [p.run_name for p in sweep.grid_points(grid, base)] == [
         "lamb-lr0.001-wd0-constant-s0", "lamb-lr0.001-wd0-constant-s1", "sgd-lr0.1-m0.9-constant-s0",
         "sgd-lr0.1-m0.9-constant-s1", "sgd-lr0.3-m0.9-constant-s0", "sgd-lr0.3-m0.9-constant-s1"]
+
+
+def test_a_sweep_rerun_with_other_fixed_flags_refuses_its_finished_and_diverged_runs(tmp_path, capsys):
+    """Run names encode only the swept values: results of another definition must never pass for this one."""
+    out = str(tmp_path / "sweep")
+    sweep.main(["--optimisers", "sgd", "--learning-rates", "0.02,1e8", "--output-dir", out, *FIXED])
+    assert [r["status"] for r in sweep.leaderboard_rows(sweep.grid_points(*sweep.parse_args(
+        ["--optimisers", "sgd", "--learning-rates", "0.02,1e8", "--output-dir", out, *FIXED])))] == ["ok", "diverged"]
+    for rate in ("0.02", "1e8"):  # a finished run, then a diverged one
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            sweep.main(["--optimisers", "sgd", "--learning-rates", rate, "--output-dir", out, *FIXED,
+                        "--inner-steps", "5"])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("sweep.py: error:")
+        assert "holds a checkpoint of a different run (--inner-steps 4 -> 5)" in error and "\n" not in error
+
+
+@pytest.mark.parametrize("flag,listed", [(["--momentum", "0.5"], "--momenta"), (["--weight-decay", "0.1"], "--weight-decays"),
+                                         (["--seed=3"], "--seeds"), (["--learning-rate", "0.1"], "--learning-rates"),
+                                         (["--optimiser", "adam"], "--optimisers")])
+def test_single_value_forms_of_swept_flags_are_refused(tmp_path, flag, listed):
+    with pytest.raises(train.UsageError, match=f"{flag[0].split('=')[0]} is swept by sweep.py: give its values as {listed}"):
+        sweep.parse_args(["--output-dir", str(tmp_path), *flag, *FIXED])
