@@ -1,6 +1,8 @@
 import json
 import os
 
+import pytest
+
 import report
 
 
@@ -8,7 +10,8 @@ def write_run(folder, name, optimiser, rate, seed, accuracies, schedule="constan
     os.makedirs(folder / name)
     config = {"optimiser": optimiser, "learning_rate": rate, "weight_decay": 0.0, "momentum": 0.9, "seed": seed,
               "schedule": schedule, "warmup_steps": 2 if schedule != "constant" else 0, "inner_steps": 10,
-              "outer_steps": len(accuracies), "train_examples": 256, "dtype": "float32"}
+              "outer_steps": len(accuracies), "train_examples": 256, "dtype": "float32", "dataset": "folder",
+              "data_dir": "EuroSAT_RGB", "target_accuracy": 0.5}
     header = {"config": config, "devices": 2, "backend": "cpu", "train_examples": 256, "validation_examples": 2700,
               "examples_per_step": 2048, "jax": "0"}
     records = [{"outer": i + 1, "step": 10 * (i + 1), "loss": 2.0 - a, "validation_accuracy": a,
@@ -39,7 +42,27 @@ def test_report_ranks_optimisers_by_median_over_seeds_and_counts_steps_to_thresh
     assert "| 1 | adam-s0 | 0.6000 | 30 |" in text  # the single-run table
     assert "LAMB first, as in the blog" in text and "SGD with momentum has 3 of the 9 best" in text
     assert "lamb lr 0.02 warmup_cosine (2 warmup steps) | 0.6100 | 0.6000 - 0.6200 | 20 |" in text
-    assert "median 0.6100 against 0.5500 for the constant rate (+0.0600; the constant rate's spread over seeds is 0.0600)" in text
+    assert ("median 0.6100 against 0.5500 for the constant rate (+0.0600; the constant rate's spread over seeds is "
+            "0.0600)") in text
     assert "a gain about the size of the seed-to-seed spread" in text
     assert "**test accuracy of those params 0.5000**" in text
     assert "Full scale" not in text  # no such runs here
+
+
+def test_report_replaces_only_its_marked_blocks_and_keeps_what_people_wrote(tmp_path):
+    sweep = tmp_path / "results" / report.SWEEP
+    for seed in range(2):
+        write_run(sweep, f"lamb-s{seed}", "lamb", 0.01, seed, [0.3, 0.5 + seed / 10])
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Ours\n\nA reading written by hand.\n\n<!-- report:sweep -->\nstale table\n<!-- /report:sweep -->"
+                   "\n\nMore words.\n\n<!-- report:findings -->\n<!-- /report:findings -->\n")
+    report.main(["--results", str(tmp_path / "results"), "--out", str(out)])
+    text = out.read_text()
+    assert text.startswith("# Ours\n\nA reading written by hand.\n\n<!-- report:sweep -->\nScale: 256 training images")
+    assert "stale table" not in text and "\n\nMore words.\n\n<!-- report:findings -->\n- Ranking" in text
+    assert "| 1 | lamb | 0.01 | lamb lr 0.01 | 0.5500 | 0.5000 - 0.6000 |" in text
+    report.main(["--results", str(tmp_path / "results"), "--out", str(out)])
+    assert out.read_text() == text  # the same results give the same file
+    out.write_text(text + "<!-- report:nonsense -->\n<!-- /report:nonsense -->\n")
+    with pytest.raises(SystemExit, match="block.*nonsense.*that no runs make"):
+        report.main(["--results", str(tmp_path / "results"), "--out", str(out)])
