@@ -12,23 +12,36 @@ so that speed-ups are ratios from one run. Prints a table; `--json PATH` also wr
 import argparse
 import functools
 import json
-import os
 import resource
 import statistics
 import sys
 import time
+
+import xla_setup  # noqa: F401  (must come before jax starts its backend)
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optimisers
+import parallel
+import train
+from config import CONVS, DTYPES, OPTIMISERS, Config, check
+from model import ConvNet
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=2048, help="global images per step")
     p.add_argument("--devices", type=int, default=0, help="emulated CPU devices (0: leave the backend as is)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--channels", default="32,64,128,256")
     p.add_argument("--dense", type=int, default=128)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--conv", choices=["auto", "xla", "patches"], default="auto", help="as train.py's --conv")
-    p.add_argument("--optimiser", choices=["lamb", "adam", "sgd"], default="adam")
+    p.add_argument("--conv", choices=CONVS, default="auto", help="as train.py's --conv")
+    p.add_argument("--optimiser", choices=OPTIMISERS, default="adam")
     p.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--inner-loop", choices=["compiled", "python", "both"], default="python")
@@ -36,22 +49,6 @@ def parse_args(argv=None):
     p.add_argument("--compare", action="store_true", help="also time the straightforward reference step")
     p.add_argument("--json", default=None, help="also write the figures here")
     return p.parse_args(argv)
-
-
-ARGS = parse_args()
-if ARGS.devices:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={ARGS.devices}").strip()
-import xla_setup  # noqa: E402,F401
-
-import flax  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-import train  # noqa: E402
-from model import ConvNet  # noqa: E402
 
 
 def timed(fn, repeats):
@@ -97,7 +94,7 @@ def random_batch(per_device, image_size, float_images=False):
     shape = (jax.local_device_count(), per_device)
     images = rng.integers(0, 256, (*shape, image_size, image_size, 3), dtype=np.uint8)  # (D, P, S, S, 3)
     labels = rng.integers(0, 10, shape, dtype=np.int32)
-    images, labels, mask = train.on_devices(images, labels, np.ones(shape, np.float32))
+    images, labels, mask = parallel.on_devices(images, labels, np.ones(shape, np.float32))
     if float_images:
         images = jax.pmap(lambda x: x.astype(jnp.float32) / 255.0)(images)
     return images, labels, mask
@@ -109,7 +106,7 @@ def reference_step(state, images, labels):
         logits = state.apply_fn({"params": params}, images)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     loss, grads = jax.value_and_grad(mean_loss)(state.params)
-    grads = jax.lax.pmean(grads, train.AXIS)
+    grads = jax.lax.pmean(grads, parallel.AXIS)
     return state.apply_gradients(grads=grads), loss
 
 
@@ -147,18 +144,22 @@ def peak_memory():
             "memory_source": "process max RSS / devices (CPU)"}
 
 
-def main():
-    a = ARGS
+def main(argv=None):
+    a = parse_args(argv)
+    if a.devices:
+        jax.config.update("jax_num_cpu_devices", a.devices)  # before the backend starts
     devices = jax.device_count()
     if a.batch % devices:
         sys.exit(f"bench.py: error: --batch {a.batch} does not divide over {devices} devices")
     per_device = a.batch // devices
-    channels = tuple(int(c) for c in a.channels.split(","))
-    conv = train.choose_conv(a)
+    config = Config(optimiser=a.optimiser, learning_rate=1e-3, channels=tuple(int(c) for c in a.channels.split(",")),
+                    dense=a.dense, dtype=a.dtype, conv=a.conv, microbatch=a.microbatch, image_size=a.image_size,
+                    dataset="synthetic")
+    check(config)
+    channels, conv = config.channels, parallel.choose_conv(config)
     model = ConvNet(channels, a.dense, 10, jnp.dtype(a.dtype), conv)
-    optimiser = train.make_optimiser(a.optimiser)
-    train_args = argparse.Namespace(microbatch=a.microbatch, dtype=a.dtype, channels=channels, conv=a.conv)
-    microbatch = train.choose_microbatch(train_args, per_device, a.image_size)
+    optimiser = optimisers.make_optimiser(a.optimiser)
+    microbatch = parallel.choose_microbatch(config, per_device, a.image_size)
     kind = jax.devices()[0].device_kind
     peak_size = 4096 if jax.default_backend() == "cpu" else 16384
     peaks = {dtype: matmul_peak(dtype, peak_size) for dtype in ("float32", "bfloat16")}
@@ -168,8 +169,8 @@ def main():
           f"{flops / 1e6:.1f} MFLOP per image; matmul peak f32 {peaks['float32'] / 1e9:,.0f} GFLOP/s, "
           f"bf16 {peaks['bfloat16'] / 1e9:,.0f} GFLOP/s (measured, one device)", flush=True)
 
-    rates = argparse.Namespace(learning_rate=1e-3, weight_decay=0.0, momentum=0.9)
-    state = train.with_hyperparams(train.create_state(model, optimiser, 0, (a.image_size,) * 2 + (3,)), rates)
+    state = optimisers.with_hyperparams(optimisers.create_state(model, optimiser, 0, (a.image_size,) * 2 + (3,)),
+                                        config)
     state = flax.jax_utils.replicate(state)
     batch = random_batch(per_device, a.image_size)
     step_kwargs = dict(example_count=float(a.batch), microbatch=microbatch)
@@ -177,22 +178,22 @@ def main():
     modes = ["python", "compiled"] if a.inner_loop == "both" else [a.inner_loop]
     for mode in modes:
         if mode == "python":
-            step = jax.pmap(functools.partial(train.train_step, **step_kwargs), axis_name=train.AXIS,
+            step = jax.pmap(functools.partial(train.train_step, **step_kwargs), axis_name=parallel.AXIS,
                             donate_argnums=0)
             run_steps = python_loop(step, a.steps)
         else:
             run_steps = jax.pmap(functools.partial(train.inner_loop, steps=a.steps, **step_kwargs),
-                                 axis_name=train.AXIS, donate_argnums=0)
+                                 axis_name=parallel.AXIS, donate_argnums=0)
         state_copy = jax.tree.map(jnp.copy, state)
         rows.append(measure(f"project, {mode} loop", run_steps, state_copy, batch, a.batch, a.steps, a.repeats))
         print(f"  {rows[-1]['name']}: {rows[-1]['images_per_second']:,.0f} img/s", flush=True)
     if a.compare:
         del batch
         reference_model = ConvNet(channels, a.dense, 10, jnp.float32)
-        reference_state = flax.jax_utils.replicate(train.with_hyperparams(
-            train.create_state(reference_model, optimiser, 0, (a.image_size,) * 2 + (3,)), rates))
+        reference_state = flax.jax_utils.replicate(optimisers.with_hyperparams(
+            optimisers.create_state(reference_model, optimiser, 0, (a.image_size,) * 2 + (3,)), config))
         images, labels, _ = random_batch(per_device, a.image_size, float_images=True)
-        step = jax.pmap(reference_step, axis_name=train.AXIS, donate_argnums=0)
+        step = jax.pmap(reference_step, axis_name=parallel.AXIS, donate_argnums=0)
         rows.append(measure("reference (float32 images, python loop)", python_loop(step, a.steps),
                             reference_state, (images, labels), a.batch, a.steps, a.repeats))
     peak = peaks["bfloat16" if a.dtype == "bfloat16" else "float32"]

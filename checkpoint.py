@@ -1,7 +1,8 @@
-"""Checkpoints of a training run (orbax): one per outer loop, the last K and the best kept.
+"""Checkpoints of a training run (orbax): one per outer loop, the last K and the best kept; the progress
+record they carry; and the decision whether a checkpoint resumes this run.
 
 A checkpoint holds everything the run's future depends on: the train state (params, optimiser state with
-its step count and injected hyperparameters), the best params so far, the progress counters and the part
+its step count and injected hyperparameters), the best params so far, the progress record and the part
 of the config that defines the run. Training has no random state after initialisation (every step is the
 whole batch, there is no dropout), so resuming from one replays the uninterrupted run exactly.
 """
@@ -13,34 +14,76 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import data
-
-# Flags that change what a run computes. Everything else (device count, conv formulation, microbatch,
-# inner-loop mode, output paths) only changes how it is computed, so a run may resume on other hardware.
-RUN_DEFINITION = ("optimiser", "learning_rate", "weight_decay", "momentum", "schedule", "warmup_steps",
-                  "inner_steps", "seed", "dataset", "synthetic_examples", "image_size", "train_examples",
-                  "no_augment", "channels", "dense", "dtype")
+from config import RUN_DEFINITION
+from errors import UsageError
 
 
-# Parts of the definition that are not flags, by how a message names them.
-NOT_FLAGS = {"data_files": "the images in --data-dir"}
-
-
-def run_definition(args) -> dict:
-    definition = {key: getattr(args, key) for key in RUN_DEFINITION}
+def run_definition(config) -> dict:
+    """The values of config.RUN_DEFINITION that a resume must match."""
+    definition = {key: getattr(config, key) for key in RUN_DEFINITION}
     definition["channels"] = list(definition["channels"])
-    if args.schedule != "constant":  # the schedule's shape depends on the run's length; a constant one does not
-        definition["outer_steps"] = args.outer_steps
-    if args.dataset == "folder":  # the folder's contents are the data, wherever the folder lies
-        definition["data_files"] = data.folder_identity(args.data_dir)
+    if config.schedule == "constant":  # a constant rate does not depend on the run's length: it may be extended
+        del definition["outer_steps"]
+    # A data folder is its contents, wherever it lies; other sources are named by the other flags.
+    definition["data_dir"] = data.folder_identity(config.data_dir) if config.dataset == "folder" else None
     return definition
 
 
-def differences(saved: dict, args) -> list[str]:
+def differences(saved: dict, config) -> list[str]:
     """The flags whose values differ from those a checkpoint was written with, as readable strings."""
-    current = run_definition(args)
-    return [f"{NOT_FLAGS.get(key) or '--' + key.replace('_', '-')} {saved.get(key)!r} -> {current.get(key)!r}"
-            for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    current = run_definition(config)
+    unrecorded = "(not recorded)"  # a definition written before this part of it was
+    return [f"--{key.replace('_', '-')} {saved.get(key, unrecorded)!r} -> {current.get(key)!r}"
+            for key in sorted(set(saved) | set(current)) if saved.get(key, unrecorded) != current.get(key)]
 
+
+def refuse_other_run(saved_definition: dict, config, what: str = "a checkpoint") -> None:
+    """UsageError naming each flag in which `config` defines another run than the one saved."""
+    changed = differences(saved_definition, config)
+    if changed:
+        raise UsageError(f"{config.output_dir} holds {what} of a different run ({'; '.join(changed)}); "
+                         "use another --output-dir, or delete that one to start over")
+
+
+# ----------------------------------------------------------------------------- progress
+
+def initial_progress(config) -> dict:
+    """The progress record a checkpoint carries: outer loops done, the best so far, every outer loop's
+    validation accuracy (for the target), the last loss, seconds, and the run's definition."""
+    return {"outer": 0, "best": {"validation_accuracy": -1.0, "outer": None, "step": None}, "history": [],
+            "loss": None, "train_seconds": 0.0, "elapsed_seconds": 0.0, "run": run_definition(config)}
+
+
+def target_reached(history: list[dict], target_accuracy: float) -> dict | None:
+    """The first outer loop whose validation accuracy reached the target, recomputed from the records
+    (the target is a reporting setting: a resumed run may ask for another)."""
+    return next(({k: h[k] for k in ("outer", "step", "train_seconds", "elapsed_seconds")} for h in history
+                 if h["validation_accuracy"] >= target_accuracy), None)
+
+
+def finished(config, progress: dict) -> bool:
+    """Whether the run has nothing left to do: all its outer loops, or the target with --stop-at-target."""
+    return progress["outer"] >= config.outer_steps or bool(
+        config.stop_at_target and target_reached(progress["history"], config.target_accuracy))
+
+
+def resume_point(config, checkpoints) -> dict | None:
+    """The latest checkpoint's progress if this run continues it; refuses a checkpoint of another run."""
+    progress = read_progress(checkpoints) if checkpoints else None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.assert_equal(np.int64(progress["outer"] if progress else -1),
+                                     f"processes see different checkpoints in {config.output_dir}: "
+                                     "--output-dir must be a folder every host reads and writes")
+    if progress is None:
+        if config.resume:
+            raise UsageError(f"--resume: no checkpoint in {config.output_dir}")
+        return None
+    refuse_other_run(progress["run"], config)
+    return progress
+
+
+# ----------------------------------------------------------------------------- files
 
 def manager(directory: str, keep: int) -> ocp.CheckpointManager:
     """Saves in the background and atomically (a checkpoint appears only once complete)."""
@@ -77,7 +120,7 @@ def restore(checkpoints: ocp.CheckpointManager, template_state, template_params)
                                                                   progress=ocp.args.JsonRestore()))
     state = flax.serialization.from_state_dict(template_state, restored.tree["state"])
     replicated = flax.jax_utils.replicate((state, restored.tree["best_params"]))
-    return replicated[0], replicated[1], restored.progress
+    return replicated[0], replicated[1], upgraded(restored.progress)
 
 
 def read_progress(checkpoints: ocp.CheckpointManager) -> dict | None:
@@ -85,4 +128,19 @@ def read_progress(checkpoints: ocp.CheckpointManager) -> dict | None:
     outer = checkpoints.latest_step()
     if outer is None:
         return None
-    return checkpoints.restore(outer, args=ocp.args.Composite(progress=ocp.args.JsonRestore())).progress
+    return upgraded(checkpoints.restore(outer, args=ocp.args.Composite(progress=ocp.args.JsonRestore())).progress)
+
+
+def upgraded(progress: dict) -> dict:
+    """A progress record of an older checkpoint in today's form (it had no per-outer-loop history)."""
+    progress.setdefault("history", [])
+    progress.pop("target", None)
+    return progress
+
+
+def write_params(path: str, params) -> None:
+    """flax-serialised params, written atomically: a crash mid-write leaves the previous file whole."""
+    temporary = path + ".tmp"
+    with open(temporary, "wb") as f:
+        f.write(flax.serialization.to_bytes(params))
+    os.replace(temporary, path)

@@ -11,12 +11,13 @@ others; a run folder holding a run of another definition is refused. On a pod, r
 every host.
 """
 import argparse
-import copy
 import csv
+import dataclasses
 import itertools
 import json
 import os
 import statistics
+from typing import NamedTuple
 
 import xla_setup  # noqa: F401  (must come before jax starts its backend)
 
@@ -24,8 +25,12 @@ import jax
 import numpy as np
 
 import checkpoint
-import data
 import train
+from config import OPTIMISERS, Config, check
+from config import parse as parse_config
+from errors import DataError, Diverged, Interrupted, PeerError, UsageError, exit_on_failure, fail
+from parallel import init_distributed, log
+from stopping import StopSignals
 
 # A sweep's list flag for each train.py flag it varies: the single-value form would be overwritten by the grid.
 SWEPT = {"--optimiser": "--optimisers", "--learning-rate": "--learning-rates (or --lamb-rates, ...)",
@@ -34,55 +39,60 @@ COLUMNS = ["rank", "run", "optimiser", "learning_rate", "weight_decay", "momentu
            "best_validation_accuracy", "best_outer", "best_step", "target_step", "target_seconds", "final_loss"]
 
 
+class Point(NamedTuple):
+    """One run of the grid: its name (the swept values) and its config."""
+    name: str
+    config: Config
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # --weight-decay must not pass for --weight-decays
-    p.add_argument("--optimisers", default="lamb,adam,sgd", help="comma separated, from lamb, adam, sgd")
+    p.add_argument("--optimisers", default=",".join(OPTIMISERS), help=f"comma separated, from {OPTIMISERS}")
     p.add_argument("--learning-rates", default="1e-3,3e-3,1e-2", help="peak learning rates, comma separated")
-    for name in ("lamb", "adam", "sgd"):  # good rates differ by orders of magnitude between optimisers
+    for name in OPTIMISERS:  # good rates differ by orders of magnitude between optimisers
         p.add_argument(f"--{name}-rates", help=f"peak learning rates for {name} only, instead of --learning-rates")
     p.add_argument("--seeds", default="0", help="initialisation seeds, comma separated")
     p.add_argument("--weight-decays", default="0", help="for lamb and adam, comma separated")
     p.add_argument("--momenta", default="0.9", help="for sgd, comma separated")
     p.add_argument("--output-dir", required=True, help="one folder per run, and the leaderboard")
-    p.error = lambda message: train.fail(f"{message} (see sweep.py --help)", "sweep.py")
+    p.error = lambda message: fail(f"{message} (see sweep.py --help)", "sweep.py")
     sweep, fixed = p.parse_known_args(argv)
     for flag, listed in SWEPT.items():
         if any(a == flag or a.startswith(flag + "=") for a in fixed):
-            raise train.UsageError(f"{flag} is swept by sweep.py: give its values as {listed}")
+            raise UsageError(f"{flag} is swept by sweep.py: give its values as {listed}")
     try:
         rates = {name: [float(v) for v in (getattr(sweep, f"{name}_rates") or sweep.learning_rates).split(",")]
-                 for name in ("lamb", "adam", "sgd")}
+                 for name in OPTIMISERS}
         grid = {"optimisers": sweep.optimisers.split(","), "learning_rates": rates,
                 "seeds": [int(v) for v in sweep.seeds.split(",")],
                 "weight_decays": [float(v) for v in sweep.weight_decays.split(",")],
                 "momenta": [float(v) for v in sweep.momenta.split(",")]}
     except ValueError as error:
-        raise train.UsageError(f"a sweep list is not comma-separated numbers: {error}") from None
-    unknown = set(grid["optimisers"]) - {"lamb", "adam", "sgd"}
+        raise UsageError(f"a sweep list is not comma-separated numbers: {error}") from None
+    unknown = set(grid["optimisers"]) - set(OPTIMISERS)
     if unknown:
-        raise train.UsageError(f"unknown optimiser(s) {sorted(unknown)} in --optimisers; choose from lamb,adam,sgd")
-    base = train.parse_args(fixed + ["--output-dir", sweep.output_dir])  # checks the fixed train.py flags
+        raise UsageError(f"unknown optimiser(s) {sorted(unknown)} in --optimisers; choose from {','.join(OPTIMISERS)}")
+    base = parse_config(fixed + ["--output-dir", sweep.output_dir])  # checks the fixed train.py flags
     return grid, base
 
 
-def grid_points(grid, base):
-    """One train.py argument set per run; each checked like train.py's own flags."""
+def grid_points(grid, base: Config) -> list[Point]:
+    """One config per run, each checked like train.py's own flags."""
     points = []
     for optimiser in grid["optimisers"]:
         for rate, seed, coefficient in itertools.product(
                 grid["learning_rates"][optimiser], grid["seeds"],
                 grid["momenta"] if optimiser == "sgd" else grid["weight_decays"]):
-            args = copy.copy(base)
-            args.optimiser, args.learning_rate, args.seed = optimiser, rate, seed
             if optimiser == "sgd":
-                args.momentum, args.weight_decay, detail = coefficient, 0.0, f"m{coefficient:g}"
+                swept, detail = dict(momentum=coefficient, weight_decay=0.0), f"m{coefficient:g}"
             else:
-                args.weight_decay, detail = coefficient, f"wd{coefficient:g}"
-            args.run_name = f"{optimiser}-lr{rate:g}-{detail}-{base.schedule}-s{seed}"
-            args.output_dir = os.path.join(base.output_dir, args.run_name)
-            train.check_args(args)
-            points.append(args)
+                swept, detail = dict(weight_decay=coefficient), f"wd{coefficient:g}"
+            name = f"{optimiser}-lr{rate:g}-{detail}-{base.schedule}-s{seed}"
+            config = dataclasses.replace(base, optimiser=optimiser, learning_rate=rate, seed=seed,
+                                         output_dir=os.path.join(base.output_dir, name), **swept)
+            check(config)
+            points.append(Point(name, config))
     return points
 
 
@@ -98,27 +108,28 @@ def read_run(output_dir):
     return lines[0], [r for r in lines[1:] if "validation_accuracy" in r], lines[-1]
 
 
-def record_crash(args, error):
+def record_crash(config: Config, error):
     """Ends the run's metrics.jsonl with the error, keeping what the run wrote before it."""
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "metrics.jsonl")
+    os.makedirs(config.output_dir, exist_ok=True)
+    path = os.path.join(config.output_dir, "metrics.jsonl")
     with open(path, "a") as f:
         if f.tell() == 0:
-            f.write(json.dumps({"config": dict(vars(args))}) + "\n")
+            f.write(json.dumps({"config": dataclasses.asdict(config),
+                                "run": checkpoint.run_definition(config)}) + "\n")
         f.write(json.dumps({"crashed": True, "error": f"{type(error).__name__}: {error}"}) + "\n")
 
 
 def leaderboard_rows(points):
     rows = []
-    for args in points:
-        header, records, end = read_run(args.output_dir)
+    for name, c in points:
+        header, records, end = read_run(c.output_dir)
         best = max(records, key=lambda r: r["validation_accuracy"], default=None)
         status = "diverged" if end.get("diverged") else "crashed" if end.get("crashed") else "ok"
         target = (end.get("summary") or {}).get("target") or {}
-        rows.append({"run": args.run_name, "optimiser": args.optimiser, "learning_rate": args.learning_rate,
-                     "weight_decay": args.weight_decay if args.optimiser != "sgd" else "",
-                     "momentum": args.momentum if args.optimiser == "sgd" else "", "seed": args.seed,
-                     "schedule": args.schedule, "status": status,
+        rows.append({"run": name, "optimiser": c.optimiser, "learning_rate": c.learning_rate,
+                     "weight_decay": c.weight_decay if c.optimiser != "sgd" else "",
+                     "momentum": c.momentum if c.optimiser == "sgd" else "", "seed": c.seed,
+                     "schedule": c.schedule, "status": status,
                      "best_validation_accuracy": best["validation_accuracy"] if best else 0.0,
                      "best_outer": best["outer"] if best else "", "best_step": best["step"] if best else "",
                      "target_step": target.get("step", ""),
@@ -206,36 +217,43 @@ def write_plots(output_dir, rows):
     plt.close(figure)
 
 
-RUN, SKIP, REFUSE = 0, 1, 2
+RUN, FINISHED, FAILED, REFUSE = 0, 1, 2, 3
 
 
-def log(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, flush=True)
-
-
-def ended_on_process_0(args) -> int:
-    """RUN, or SKIP for a run whose metrics end in a divergence or crash (running it again would repeat
-    that), or REFUSE when the folder holds a run of another definition; every process takes process 0's
-    answer. A finished or half-finished run is RUN: train.run resumes it, or says it has nothing to do."""
+def verdict_of_process_0(config: Config) -> int:
+    """From process 0's files, for every process: FINISHED (its metrics hold all it asks for, so nothing to
+    redo, even where the checkpoints were not kept), FAILED (they end in a divergence or crash, which a
+    re-run would repeat), RUN (not started, stopped midway, or extended: train.run resumes it), or a
+    UsageError when the folder holds a run of another definition."""
     verdict, message = RUN, ""
     if jax.process_index() == 0:
-        ended = read_run(args.output_dir)
-        header = ended[0] if ended else read_header(args.output_dir)
-        saved = header and (header.get("run") or checkpoint.run_definition(argparse.Namespace(**header["config"])))
+        ended = read_run(config.output_dir)
+        header = ended[0] if ended else read_header(config.output_dir)
         try:
-            if saved:
-                train.refuse_other_run(saved, args)
-        except train.UsageError as error:
+            if header:
+                checkpoint.refuse_other_run(header.get("run") or saved_definition(header["config"]), config,
+                                            "the metrics")
+        except UsageError as error:
             verdict, message = REFUSE, str(error)
         else:
-            verdict = SKIP if ended and "summary" not in ended[2] else RUN
+            if ended and "summary" not in ended[2]:
+                verdict = FAILED
+            elif ended:
+                records = ended[1]
+                done = {"outer": max((r["outer"] for r in records), default=0), "history": records}
+                verdict = FINISHED if checkpoint.finished(config, done) else RUN
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         verdict = int(multihost_utils.broadcast_one_to_all(np.int32(verdict)))
     if verdict == REFUSE:
-        raise train.UsageError(message or f"process 0 found a run of a different definition in {args.output_dir}")
+        raise UsageError(message or f"process 0 found a run of a different definition in {config.output_dir}")
     return verdict
+
+
+def saved_definition(saved_config: dict) -> dict:
+    """The run definition of a metrics header written before headers carried one."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return checkpoint.run_definition(Config(**{k: v for k, v in saved_config.items() if k in fields}))
 
 
 def read_header(output_dir):
@@ -248,25 +266,11 @@ def read_header(output_dir):
     return json.loads(first) if first.strip() else None
 
 
-def run_sweep(grid, base):
+def run_sweep(grid, base: Config):
     points = grid_points(grid, base)
-    train.init_distributed(base)
-    shared = train.Shared(base)
-    for number, args in enumerate(points, 1):
-        if ended_on_process_0(args) == SKIP:
-            log(f"[{number}/{len(points)}] {args.run_name}: ended earlier (diverged or crashed), skipped")
-            continue
-        log(f"[{number}/{len(points)}] {args.run_name}")
-        try:
-            train.run(args, shared)
-        except train.Diverged as error:
-            log(f"[{number}/{len(points)}] {args.run_name}: diverged: {error}")
-        except (KeyboardInterrupt, train.Interrupted, train.UsageError, train.PeerError, data.DataError):
-            raise  # the sweep itself cannot go on; re-running the command resumes it
-        except Exception as error:  # one broken run must not end the sweep; it is recorded as crashed
-            log(f"[{number}/{len(points)}] {args.run_name}: crashed: {type(error).__name__}: {error}")
-            if jax.process_index() == 0:
-                record_crash(args, error)
+    init_distributed(base)  # before the signal handlers: jax's preemption notifier would replace them
+    with StopSignals() as stop:  # one for the whole sweep: a signal during one run's last outer loop stops it
+        run_points(points, train.Shared(base), stop)
     if jax.process_index() != 0:
         return None, None
     rows = leaderboard_rows(points)
@@ -279,8 +283,31 @@ def run_sweep(grid, base):
     return rows, summary
 
 
+def run_points(points: list[Point], shared: train.Shared, stop: StopSignals) -> None:
+    for number, (name, config) in enumerate(points, 1):
+        if stop.agree():  # every process together, between two runs
+            raise Interrupted(stop.agreed, f"before run {number} of {len(points)} ({name}); re-running the same "
+                                           "command goes on from there")
+        verdict = verdict_of_process_0(config)
+        if verdict != RUN:
+            log(f"[{number}/{len(points)}] {name}: " + ("finished earlier, skipped" if verdict == FINISHED else
+                                                       "ended earlier (diverged or crashed), skipped"))
+            continue
+        log(f"[{number}/{len(points)}] {name}")
+        try:
+            train.run(config, shared, stop)
+        except Diverged as error:
+            log(f"[{number}/{len(points)}] {name}: diverged: {error}")
+        except (KeyboardInterrupt, Interrupted, UsageError, PeerError, DataError):
+            raise  # the sweep itself cannot go on; re-running the command resumes it
+        except Exception as error:  # one broken run must not end the sweep; it is recorded as crashed
+            log(f"[{number}/{len(points)}] {name}: crashed: {type(error).__name__}: {error}")
+            if jax.process_index() == 0:
+                record_crash(config, error)
+
+
 def main(argv=None):
-    train.exit_on_failure("sweep.py", lambda: run_sweep(*parse_args(argv)))
+    exit_on_failure("sweep.py", lambda: run_sweep(*parse_args(argv)))
 
 
 if __name__ == "__main__":

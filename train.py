@@ -2,16 +2,15 @@
 
 Run the same command on every host of a pod slice, or once on a single GPU/CPU box:
     python train.py --optimiser lamb
+
+This file is the experiment: the step, the inner and outer loops, and a run. Flags are in config.py, the
+optimisers in optimisers.py, the data on the devices in device_data.py, processes and devices in
+parallel.py, stop signals in stopping.py, checkpoints in checkpoint.py, the metrics file in metrics.py.
 """
-import argparse
+import dataclasses
 import functools
-import json
 import math
 import os
-import signal
-import socket
-import sys
-import threading
 import time
 from typing import Callable, NamedTuple
 
@@ -20,196 +19,18 @@ import xla_setup  # noqa: F401  (must come before jax starts its backend)
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from flax.training.train_state import TrainState
 from jax import lax
 
-import augment
 import checkpoint
-import data
-from model import DEFAULT_CHANNELS, DEFAULT_DENSE, ConvNet, param_count
-
-AXIS = "devices"  # the pmap axis: every device of every host
-DEFAULT_LEARNING_RATES = {"lamb": 1e-2, "adam": 1e-3, "sgd": 1e-1}
-
-
-class UsageError(Exception):
-    """A flag value that cannot work; its message names the flag."""
-
-
-class Diverged(Exception):
-    """The loss became NaN or infinite; the best params so far are kept."""
-
-
-class PeerError(Exception):
-    """Another process of a multi-host run cannot be reached."""
-
-
-class Interrupted(Exception):
-    """A stop signal ended the run; the last checkpoint on disk resumes it."""
-
-    def __init__(self, signum: int, outer: int, checkpointed: int, output_dir: str | None):
-        self.exit_code = 128 + signum  # the shell's convention for "ended by this signal"
-        where = (f"the checkpoint after outer loop {checkpointed} in {output_dir} resumes it (run the same command)"
-                 if output_dir and checkpointed else "no checkpoint to resume from" + ("" if output_dir else
-                                                                                     " (no --output-dir)"))
-        super().__init__(f"stopped by {signal.Signals(signum).name} during outer loop {outer}; {where}")
-
-
-# ----------------------------------------------------------------------------- flags
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                allow_abbrev=False)  # a prefix of one flag must never set another
-    p.error = lambda message: fail(f"{message} (see --help)")  # one line, no usage dump
-    add = p.add_argument
-    add("--optimiser", choices=["lamb", "adam", "sgd"], default="lamb", help="optax optimiser")
-    add("--learning-rate", type=float, default=None,
-        help=f"peak learning rate; default per optimiser {DEFAULT_LEARNING_RATES}")
-    add("--weight-decay", type=float, default=0.0, help="decoupled weight decay (lamb; adam becomes adamw)")
-    add("--momentum", type=float, default=0.9, help="sgd momentum")
-    add("--schedule", choices=SCHEDULES, default="constant",
-        help="learning-rate shape: constant, or linear warmup then cosine or linear decay to 0 at the last step")
-    add("--warmup-steps", type=int, default=0, help="warmup steps of the warmup_* schedules")
-    add("--inner-steps", type=int, default=100, help="update steps between validation checks")
-    add("--outer-steps", type=int, default=13, help="validation checks (outer loops)")
-    add("--inner-loop", choices=["auto", "compiled", "python"], default="auto",
-        help="compiled: the inner steps as one program (fori_loop); python: a host loop of pmapped steps; "
-             "auto: python on CPU, compiled elsewhere (measured, see README)")
-    add("--seed", type=int, default=0, help="parameter initialisation seed")
-    add("--dataset", choices=["tfds", "folder", "synthetic"], default="tfds",
-        help="tfds: eurosat/rgb through tensorflow-datasets; folder: an extracted EuroSAT image folder; "
-             "synthetic: generated class-dependent images")
-    add("--data-dir", default=None, help="tfds: TFDS data_dir; folder: the folder with one sub-folder per class")
-    add("--manual-dir", default=None, help="tfds: folder holding a downloaded EuroSAT.zip (offline use)")
-    add("--synthetic-examples", type=int, default=2000, help="synthetic: total examples over all splits")
-    add("--image-size", type=int, default=64, help="synthetic: image side in pixels")
-    add("--train-examples", type=int, default=None, help="use the first N examples of the training split")
-    add("--no-augment", action="store_true", help="train on the images as they are, without the 8 dihedral forms")
-    add("--channels", default=",".join(map(str, DEFAULT_CHANNELS)), help="conv widths, comma separated")
-    add("--dense", type=int, default=DEFAULT_DENSE, help="hidden dense width")
-    add("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype (params stay float32)")
-    add("--conv", choices=["auto", "xla", "patches"], default="auto",
-        help="how the stride-2 convs are computed: xla (nn.Conv) or patches (the same function as one matmul); "
-             "auto: patches on CPU, xla elsewhere (measured, see README)")
-    add("--microbatch", type=int, default=0,
-        help="examples per device per gradient chunk (accumulated inside the step); 0: chosen from device memory")
-    add("--target-accuracy", type=float, default=0.95, help="report when validation accuracy first reaches it")
-    add("--stop-at-target", action="store_true", help="stop once --target-accuracy is reached")
-    add("--output-dir", default=None,
-        help="where process 0 writes metrics.jsonl and best_params.msgpack, and every process a checkpoint "
-             "per outer loop (on a pod: a folder every host sees); a checkpoint of the same run there resumes it")
-    add("--resume", action="store_true", help="require a checkpoint in --output-dir to continue from")
-    add("--keep-checkpoints", type=int, default=2, help="latest checkpoints kept, besides the best one")
-    add("--eval-test", action="store_true", help="at the end, report test accuracy of the best params")
-    add("--coordinator-address", default=None, help="multi-host: host:port of process 0 (not needed on TPU pods)")
-    add("--num-processes", type=int, default=None, help="multi-host: number of processes")
-    add("--process-id", type=int, default=None, help="multi-host: this process's index")
-    add("--distributed-timeout", type=int, default=300,
-        help="multi-host: seconds to wait for the coordinator at start, and for a silent process mid-run, "
-             "before exiting with an error")
-    return p
-
-
-def fail(message: str, program: str = "train.py"):
-    print(f"{program}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    try:
-        args.channels = tuple(int(c) for c in args.channels.split(","))
-    except ValueError:
-        raise UsageError(f"--channels {args.channels!r} is not a comma-separated list of integers") from None
-    if args.learning_rate is None:
-        args.learning_rate = DEFAULT_LEARNING_RATES[args.optimiser]
-    check_args(args)
-    return args
-
-
-def check_args(args) -> None:
-    """Reject impossible settings before any data is loaded or device touched."""
-    positive = {"--learning-rate": args.learning_rate, "--inner-steps": args.inner_steps,
-                "--outer-steps": args.outer_steps, "--dense": args.dense, "--image-size": args.image_size,
-                "--synthetic-examples": args.synthetic_examples, "--keep-checkpoints": args.keep_checkpoints,
-                "--distributed-timeout": args.distributed_timeout}
-    if args.train_examples is not None:
-        positive["--train-examples"] = args.train_examples
-    for flag, value in positive.items():
-        if not value > 0 or not math.isfinite(value):
-            raise UsageError(f"{flag} must be positive, got {value}")
-    if min(args.channels) <= 0:
-        raise UsageError(f"--channels must all be positive, got {args.channels}")
-    if args.weight_decay < 0:
-        raise UsageError(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if not 0 <= args.momentum < 1:
-        raise UsageError(f"--momentum must be in [0, 1), got {args.momentum}")
-    if not 0 <= args.warmup_steps < args.inner_steps * args.outer_steps:
-        raise UsageError(f"--warmup-steps must be in [0, total steps {args.inner_steps * args.outer_steps}), "
-                         f"got {args.warmup_steps}")
-    if args.microbatch < 0:
-        raise UsageError(f"--microbatch must be >= 0 (0 = automatic), got {args.microbatch}")
-    if not 0 < args.target_accuracy <= 1:
-        raise UsageError(f"--target-accuracy must be in (0, 1], got {args.target_accuracy}")
-    if args.dataset == "folder" and not args.data_dir:
-        raise UsageError("--dataset folder needs --data-dir PATH")
-    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise UsageError(f"--output-dir {args.output_dir} exists and is not a folder")
-    if args.resume and not args.output_dir:
-        raise UsageError("--resume needs --output-dir, the folder holding the checkpoint")
-    multihost = (args.coordinator_address, args.num_processes, args.process_id)
-    if any(v is not None for v in multihost) and any(v is None for v in multihost):
-        raise UsageError("--coordinator-address, --num-processes and --process-id go together")
-    if args.num_processes is not None:
-        if args.num_processes < 1:
-            raise UsageError(f"--num-processes must be >= 1, got {args.num_processes}")
-        if not 0 <= args.process_id < args.num_processes:
-            raise UsageError(f"--process-id {args.process_id} is outside 0..{args.num_processes - 1}")
-        host, _, port = args.coordinator_address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise UsageError(f"--coordinator-address {args.coordinator_address!r} is not host:port")
-
-
-# ----------------------------------------------------------------------------- model and optimiser
-
-SCHEDULES = ("constant", "warmup_cosine", "warmup_linear")
-
-
-def schedule_shape(name: str, warmup_steps: int, total_steps: int):
-    """The learning rate's shape over the run, peaking at 1; the peak rate multiplies it."""
-    if name == "constant":
-        return optax.constant_schedule(1.0)
-    if name == "warmup_cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps, total_steps, end_value=0.0)
-    return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup_steps),
-                                 optax.linear_schedule(1.0, 0.0, total_steps - warmup_steps)], [warmup_steps])
-
-
-def make_optimiser(name: str, schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 1):
-    """optax lamb / adamw / sgd+momentum with every rate and coefficient in the optimiser state.
-
-    Holding them as state (inject_hyperparams), not constants, lets one compiled step serve every
-    learning rate, weight decay and momentum of a sweep. Set them with `with_hyperparams`.
-    """
-    factory = {"lamb": optax.lamb, "adam": optax.adamw, "sgd": optax.sgd}[name]
-    coefficient = {"sgd": {"momentum": 0.0}}.get(name, {"weight_decay": 0.0})
-    base = optax.inject_hyperparams(factory)(learning_rate=0.0, **coefficient)
-    return optax.chain(base, optax.scale_by_schedule(schedule_shape(schedule, warmup_steps, total_steps)))
-
-
-def with_hyperparams(state: TrainState, args) -> TrainState:
-    """Sets the run's peak rate and its optimiser's coefficient in the (unreplicated) optimiser state."""
-    injected = state.opt_state[0]
-    values = {"learning_rate": args.learning_rate, "weight_decay": args.weight_decay, "momentum": args.momentum}
-    hyperparams = {k: jnp.asarray(values[k], v.dtype) if k in values else v for k, v in injected.hyperparams.items()}
-    return state.replace(opt_state=(injected._replace(hyperparams=hyperparams), *state.opt_state[1:]))
-
-
-def create_state(model, optimiser, seed: int, image_shape) -> TrainState:
-    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_shape), jnp.uint8))["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=optimiser)
+from config import parse as parse_config
+from device_data import Prepared, load_split, prepare, prepare_split
+from errors import Diverged, Interrupted, exit_on_failure
+from metrics import MetricsLog, complete_summary, outer_line
+from model import ConvNet, param_count
+from optimisers import create_state, make_optimiser, with_hyperparams
+from parallel import AXIS, choose_conv, choose_microbatch, init_distributed, log
+from stopping import StopSignals
 
 
 # ----------------------------------------------------------------------------- the step
@@ -248,19 +69,18 @@ def train_step(state, images, labels, mask, *, example_count, microbatch):
     return state.apply_gradients(grads=grads), loss
 
 
+def step_agreeing_to_stop(state, images, labels, mask, stop_signal, **step_kwargs):
+    """train_step, plus the largest stop signal any process passed in: every process reads the same value
+    after the same step, so all of them stop together."""
+    state, loss = train_step(state, images, labels, mask, **step_kwargs)
+    return state, loss, lax.pmax(stop_signal, AXIS)
+
+
 def inner_loop(state, images, labels, mask, *, steps, **step_kwargs):
     """`steps` updates as one program; returns the new state and the loss before the last update."""
     def body(_, carry):
         return train_step(carry[0], images, labels, mask, **step_kwargs)
     return lax.fori_loop(0, steps, body, (state, jnp.zeros((), jnp.float32)))
-
-
-def step_agreeing_to_stop(state, images, labels, mask, stop_signal, **step_kwargs):
-    """train_step, plus the largest stop signal any process passed in: every process reads the same value
-    after the same step, so all of them stop together (a process that stopped alone would leave the
-    others waiting at the next all-reduce forever)."""
-    state, loss = train_step(state, images, labels, mask, **step_kwargs)
-    return state, loss, lax.pmax(stop_signal, AXIS)
 
 
 def evaluation_counts(params, images, labels, mask, stride, *, apply_fn, chunk):
@@ -274,490 +94,243 @@ def evaluation_counts(params, images, labels, mask, stride, *, apply_fn, chunk):
     return lax.psum(summed_over_chunks(count, (images[::stride], labels[::stride], mask[::stride]), chunk), AXIS)
 
 
-# ----------------------------------------------------------------------------- setup helpers
+# ----------------------------------------------------------------------------- the compiled programs
 
-_distributed_started = False
-
-
-def wait_for_coordinator(address: str, timeout: float) -> None:
-    """Raises PeerError unless the coordinator's port accepts a connection within `timeout` seconds
-    (jax itself would abort the process with a stack trace)."""
-    host, port = address.rsplit(":", 1)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((host, int(port)), timeout=2).close()
-            return
-        except OSError as error:
-            if time.monotonic() > deadline:
-                raise PeerError(f"cannot reach the coordinator (process 0) at {address} within "
-                                f"--distributed-timeout {timeout}s: {error}") from None
-            time.sleep(0.5)
+class Programs(NamedTuple):
+    """A run's model, optimiser and pmapped functions."""
+    model: ConvNet
+    optimiser: optax.GradientTransformation
+    inner: Callable  # (state, images, labels, mask, stop=) -> (state, loss), or None when a stop came midway
+    evaluate: Callable  # (params, images, labels, mask, stride) -> (correct, non-finite) counts, per device
+    inner_mode: str  # "compiled" or "python"
+    microbatch: int
+    image_shape: tuple  # (H, W, C)
 
 
-def init_distributed(args) -> None:
-    """Joins the other processes (once per process); an unreachable coordinator or a process that stops
-    answering ends every process with an error after --distributed-timeout seconds, never a silent hang."""
-    global _distributed_started
-    if _distributed_started:
-        return
-    timeouts = dict(initialization_timeout=args.distributed_timeout,
-                    heartbeat_timeout_seconds=args.distributed_timeout)
-    if args.coordinator_address:
-        if args.process_id != 0:  # process 0 runs the coordinator; the others first check they can reach it
-            wait_for_coordinator(args.coordinator_address, args.distributed_timeout)
-        print(f"process {args.process_id}: joining {args.num_processes} processes at {args.coordinator_address} "
-              f"(up to {args.distributed_timeout}s)", flush=True)
-        # On CPU clusters the collectives need gloo; the setting is ignored by other backends.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id, **timeouts)
-    elif len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
-        jax.distributed.initialize(**timeouts)  # a Cloud TPU pod slice describes itself
-    _distributed_started = True
+# Everything build_programs reads: runs equal in these (they may differ in rate, decay, momentum, seed...)
+# share one compiled program in a sweep.
+PROGRAM_FIELDS = ("optimiser", "schedule", "warmup_steps", "inner_steps", "outer_steps", "channels", "dense",
+                  "dtype", "conv", "microbatch", "inner_loop")
 
 
-def device_memory_bytes() -> int:
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        return int(stats["bytes_limit"])
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return host // jax.local_device_count()  # emulated CPU devices share the host's memory
+def program_key(config) -> tuple:
+    return tuple(getattr(config, field) for field in PROGRAM_FIELDS)
 
 
-def activation_bytes_per_example(image_size: int, channels, dtype_bytes: int) -> int:
-    """What backprop keeps per example: conv outputs and GELU inputs/outputs of each layer, with margin."""
-    values, side = 3 * image_size ** 2, image_size
-    for width in channels:
-        side = -(-side // 2)
-        values += 3 * width * side * side
-    return 2 * values * dtype_bytes
-
-
-CPU_MICROBATCH = 32  # measured fastest on the CPU with patch convs (README, Speed): the chunk stays in cache
-
-
-def choose_conv(args) -> str:
-    """--conv, or by backend: patch matmuls on the CPU (1.7x nn.Conv there), nn.Conv elsewhere (faster on GPU)."""
-    if args.conv != "auto":
-        return args.conv
-    return "patches" if jax.default_backend() == "cpu" else "xla"
-
-
-def choose_microbatch(args, per_device: int, image_size: int) -> int:
-    """--microbatch; on the CPU with patch convs a cache-sized chunk; else the largest chunk whose
-    activations take a quarter of a device's memory."""
-    if args.microbatch:
-        return min(args.microbatch, per_device)
-    if jax.default_backend() == "cpu" and choose_conv(args) == "patches":
-        return min(CPU_MICROBATCH, per_device)
-    dtype_bytes = 2 if args.dtype == "bfloat16" else 4
-    fits = device_memory_bytes() // 4 // activation_bytes_per_example(image_size, args.channels, dtype_bytes)
-    return max(1, min(per_device, fits))
-
-
-def gather_counts(count: int) -> np.ndarray:
-    """Every process's local example count, in process order."""
-    if jax.process_count() == 1:
-        return np.array([count])
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(np.int64(count))).reshape(-1)
-
-
-def on_devices(*arrays):
-    """Shard the leading (device) axis of host arrays over this host's devices, as pmap expects."""
-    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
-    sharding = jax.NamedSharding(mesh, jax.P(AXIS))
-    return tuple(jax.device_put(a, sharding) for a in arrays)
-
-
-def prepare_split(split: data.Split, name: str, augmented: bool, log):
-    """This host's examples padded to a common per-device count (the same on every host) and placed."""
-    counts = gather_counts(len(split.labels))
-    total = int(counts.sum())
-    if total < jax.device_count():
-        raise data.DataError(f"the {name} split has {total} examples, fewer than the {jax.device_count()} devices")
-    devices = jax.local_device_count()
-    per_device = -(-int(counts.max()) // devices)
-    padding = jax.device_count() * per_device - total
-    images, labels, mask = on_devices(*data.pad_and_shard(split, devices, per_device))
-    if augmented:
-        images, labels, mask = augment.expand_sharded(images, labels, mask)  # (devices, 8 * per_device, ...)
-    log(f"{name}: {total} examples ({' + '.join(map(str, counts))} by process), {per_device} per device, "
-        f"{padding} padding (masked out)" + (f", x{augment.NUM_TRANSFORMS} augmented = "
-                                             f"{total * augment.NUM_TRANSFORMS} per step" if augmented else ""))
-    return (images, labels, mask), total
-
-
-def write_params(path: str, params) -> None:
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as f:
-        f.write(flax.serialization.to_bytes(params))
-    os.replace(temporary, path)  # a crash mid-write leaves the previous file whole
-
-
-# ----------------------------------------------------------------------------- the run
-
-class Prepared(NamedTuple):
-    """What every run of a process shares: the data on the devices and its counts."""
-    train_data: tuple  # images (devices, per_device, H, W, C) uint8, labels, mask
-    val_data: tuple
-    train_count: int  # real examples over all hosts, before augmentation
-    val_count: int
-    stride: int  # 8 when train_data holds the dihedral forms, else 1
-    num_classes: int
-    load: Callable  # name -> this process's data.Split
-    log: Callable
-
-
-def prepare(args) -> Prepared:
-    """Start the processes, load this process's data and put it, augmented, on the devices."""
-    init_distributed(args)
-    classes = data.num_classes(args)
-    log = functools.partial(print, flush=True) if jax.process_index() == 0 else (lambda *a, **k: None)
-    log(f"jax {jax.__version__} {jax.default_backend()}: {jax.process_count()} process(es), "
-        f"{jax.device_count()} devices ({jax.local_device_count()} local: {jax.local_devices()[0].device_kind})")
-
-    def load(name: str) -> data.Split:
-        split = data.load_split(args, name, process_index=jax.process_index(), process_count=jax.process_count())
-        return data.check_labels(split, classes, name)
-
-    train_data, train_count = prepare_split(load("train"), "train", not args.no_augment, log)
-    val_data, val_count = prepare_split(load("validation"), "validation", False, log)
-    stride = 1 if args.no_augment else augment.NUM_TRANSFORMS
-    return Prepared(train_data, val_data, train_count, val_count, stride, classes, load, log)
-
-
-def build_programs(args, prepared: Prepared) -> dict:
-    """The model, optimiser and pmapped functions of a run. Runs that differ only in hyperparameter
-    values (rate, decay, momentum, seed) get equal keys, so a sweep compiles them once."""
-    inner_mode = args.inner_loop if args.inner_loop != "auto" else (
+def build_programs(config, prepared: Prepared) -> Programs:
+    inner_mode = config.inner_loop if config.inner_loop != "auto" else (
         "python" if jax.default_backend() == "cpu" else "compiled")
     image_shape = prepared.train_data[0].shape[2:]  # (H, W, C)
-    model = ConvNet(args.channels, args.dense, prepared.num_classes, jnp.dtype(args.dtype), choose_conv(args))
-    total_steps = args.inner_steps * args.outer_steps
-    optimiser = make_optimiser(args.optimiser, args.schedule, args.warmup_steps, total_steps)
-    microbatch = choose_microbatch(args, prepared.train_data[0].shape[1], image_shape[0])
+    model = ConvNet(config.channels, config.dense, prepared.num_classes, jnp.dtype(config.dtype),
+                    choose_conv(config))
+    optimiser = make_optimiser(config.optimiser, config.schedule, config.warmup_steps,
+                               config.inner_steps * config.outer_steps)
+    microbatch = choose_microbatch(config, prepared.train_data[0].shape[1], image_shape[0])
     step_kwargs = dict(example_count=float(prepared.train_count * prepared.stride), microbatch=microbatch)
     if inner_mode == "compiled":
-        loop = jax.pmap(functools.partial(inner_loop, steps=args.inner_steps, **step_kwargs),
+        loop = jax.pmap(functools.partial(inner_loop, steps=config.inner_steps, **step_kwargs),
                         axis_name=AXIS, donate_argnums=0)
 
         def inner(state, *batch, stop):  # one program: a stop request waits for its end
             return loop(state, *batch)
     else:
-        step = jax.pmap(functools.partial(step_agreeing_to_stop, **step_kwargs), axis_name=AXIS,
-                        donate_argnums=0)
-
-        def inner(state, *batch, stop):
-            """The inner steps, or None when a stop signal came before they were all done."""
-            loss, agreed = None, None
-            for _ in range(args.inner_steps):
-                if jax.process_count() == 1 and stop.received:  # alone, no need to wait for an agreement
-                    stop.agreed = stop.received
-                    return None
-                state, next_loss, next_agreed = step(state, *batch, stop.flags())
-                if agreed is not None and int(agreed[0]):  # waits for the step before: one step queued at most
-                    next_loss.block_until_ready()  # every process launched this step; let it end everywhere
-                    stop.agreed = int(agreed[0])
-                    return None
-                loss, agreed = next_loss, next_agreed
-            return state, loss
+        step = jax.pmap(functools.partial(step_agreeing_to_stop, **step_kwargs), axis_name=AXIS, donate_argnums=0)
+        inner = functools.partial(python_inner_loop, step, config.inner_steps)
     evaluate = jax.pmap(functools.partial(evaluation_counts, apply_fn=model.apply, chunk=microbatch),
                         axis_name=AXIS, static_broadcasted_argnums=4)
-    return dict(model=model, optimiser=optimiser, inner=inner, evaluate=evaluate, inner_mode=inner_mode,
-                conv=model.conv, microbatch=microbatch, image_shape=image_shape)
+    return Programs(model, optimiser, inner, evaluate, inner_mode, microbatch, image_shape)
 
 
-def program_key(args) -> tuple:
-    return (args.optimiser, args.schedule, args.warmup_steps, args.inner_steps, args.outer_steps,
-            args.channels, args.dense, args.dtype, args.conv, args.microbatch, args.inner_loop)
+def python_inner_loop(step, steps, state, *batch, stop: StopSignals):
+    """The inner steps as a host loop of pmapped steps, or None when a stop signal came before they were
+    all done (every process then stops after the same step)."""
+    loss, agreed = None, None
+    for _ in range(steps):
+        if jax.process_count() == 1 and stop.received:  # alone, no need to wait for an agreement
+            stop.agreed = stop.received
+            return None
+        state, next_loss, next_agreed = step(state, *batch, stop.flags())
+        if agreed is not None and int(agreed[0]):  # waits for the step before: one step queued at most
+            next_loss.block_until_ready()  # every process launched this step; let it end everywhere
+            stop.agreed = int(agreed[0])
+            return None
+        loss, agreed = next_loss, next_agreed
+    return state, loss
 
 
-class StopSignals:
-    """Turns SIGTERM and SIGINT (what a preemption or Ctrl-C sends) into a request the run acts on at the
-    next step boundary, so it can leave a complete checkpoint behind. A second signal stops at once.
-
-    On a pod the signal reaches the processes at different moments, so no process stops on its own
-    word: `received` is this process's request, `agreed` the largest signal all processes passed on at
-    the same step (or outer loop) boundary, which is what they all act on."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __enter__(self):
-        self.received, self.agreed = None, None
-        self.previous = {}
-        self._agree = jax.pmap(lambda signum: lax.pmax(signum, AXIS), axis_name=AXIS)
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            self.previous = {s: signal.signal(s, self.record) for s in self.SIGNALS}
-        return self
-
-    def record(self, signum, frame):
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def flags(self) -> np.ndarray:
-        """This process's request for each of its devices (0: none), for a step to agree on."""
-        return np.full(jax.local_device_count(), self.received or 0, np.int32)
-
-    def agree(self) -> int | None:
-        """Every process together (a collective): the largest signal any of them received, or None."""
-        self.agreed = int(self._agree(self.flags())[0]) or None
-        return self.agreed
-
-    def __exit__(self, *exception):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def resume_point(args, checkpoints) -> dict | None:
-    """The latest checkpoint's progress if this run continues it; refuses a checkpoint of another run."""
-    progress = checkpoint.read_progress(checkpoints) if checkpoints else None
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.assert_equal(np.int64(progress["outer"] if progress else -1),
-                                     f"processes see different checkpoints in {args.output_dir}: "
-                                     "--output-dir must be a folder every host reads and writes")
-    if progress is None:
-        if args.resume:
-            raise UsageError(f"--resume: no checkpoint in {args.output_dir}")
-        return None
-    refuse_other_run(progress["run"], args)
-    return progress
-
-
-def refuse_other_run(saved_definition: dict, args) -> None:
-    """UsageError naming each flag in which `args` defines another run than the one saved."""
-    changed = checkpoint.differences(saved_definition, args)
-    if changed:
-        raise UsageError(f"{args.output_dir} holds a checkpoint of a different run ({'; '.join(changed)}); "
-                         "use another --output-dir, or delete that one to start over")
-
-
-def target_reached(history: list[dict], target_accuracy: float) -> dict | None:
-    """The first outer loop whose validation accuracy reached the target, recomputed from the records
-    (the target is a reporting setting: a resumed run may ask for another)."""
-    return next(({k: h[k] for k in ("outer", "step", "train_seconds", "elapsed_seconds")} for h in history
-                 if h["validation_accuracy"] >= target_accuracy), None)
-
-
-def finished(args, progress: dict) -> bool:
-    """Whether the run has nothing left to do: all its outer loops, or the target with --stop-at-target."""
-    return progress["outer"] >= args.outer_steps or bool(
-        args.stop_at_target and target_reached(progress["history"], args.target_accuracy))
-
-
-class MetricsLog:
-    """Process 0's metrics.jsonl: a header line, then a line per outer loop, flushed at once so nothing
-    measured is lost. On resume the file is cut back to the checkpoint's outer loop (later lines are redone)."""
-
-    def __init__(self, path: str | None, header: dict, resumed_after: int | None):
-        self.file = None
-        if path is None:
-            return
-        lines = [json.dumps(header)]
-        if resumed_after is not None and os.path.exists(path):
-            with open(path) as f:
-                earlier = [json.loads(line) for line in f if line.strip()]
-            lines = [json.dumps(r) for r in earlier if r.get("outer", 0) <= resumed_after and "summary" not in r]
-            # The resumed run's own config (e.g. more outer loops): readers take the last config line.
-            lines.append(json.dumps({"resumed_after_outer": resumed_after, "config": header["config"],
-                                     "devices": jax.device_count(), "processes": jax.process_count(),
-                                     "time": time.time()}))
-        with open(path + ".tmp", "w") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(path + ".tmp", path)
-        self.file = open(path, "a")
-
-    def write(self, record: dict) -> None:
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-
+# ----------------------------------------------------------------------------- a run
 
 class Shared:
     """What the runs of one process share: the data on the devices, loaded at the first run that needs it
     (a sweep of finished runs loads nothing), and the compiled programs by program_key."""
 
-    def __init__(self, args):
-        self.args, self._prepared, self.programs = args, None, {}
+    def __init__(self, config):
+        self.config, self._prepared, self.programs = config, None, {}
 
     def prepared(self) -> Prepared:
         if self._prepared is None:
-            self._prepared = prepare(self.args)
+            self._prepared = prepare(self.config)
         return self._prepared
 
-
-def run(args, shared: Shared | None = None) -> dict:
-    """One training run; a sweep passes the data and the compiled programs it shares between runs."""
-    shared = shared or Shared(args)
-    init_distributed(args)
-    with StopSignals() as stop:  # until the last checkpoint is written: a signal then must not kill the write
-        return run_with_checkpoints(args, shared, stop)
+    def programs_for(self, config) -> Programs:
+        if program_key(config) not in self.programs:
+            self.programs[program_key(config)] = build_programs(config, self.prepared())
+        return self.programs[program_key(config)]
 
 
-def run_with_checkpoints(args, shared: Shared, stop: StopSignals) -> dict:
-    checkpoints = checkpoint.manager(args.output_dir, args.keep_checkpoints) if args.output_dir else None
+def run(config, shared: Shared | None = None, stop: StopSignals | None = None) -> dict:
+    """One training run; a sweep passes the data, the compiled programs and the stop signals it shares."""
+    init_distributed(config)  # first: jax's own preemption notifier, set up there, must not replace our handler
+    if stop is None:
+        with StopSignals() as stop:  # until the last checkpoint is written: a signal then must not kill the write
+            return run(config, shared, stop)
+    shared = shared or Shared(config)
+    checkpoints = checkpoint.manager(config.output_dir, config.keep_checkpoints) if config.output_dir else None
     try:
-        resumed = resume_point(args, checkpoints)  # before loading data: a refusal should come at once
-        if resumed and finished(args, resumed):
-            if jax.process_index() == 0:
-                print(f"{args.output_dir}: finished earlier (outer loop {resumed['outer']} of {args.outer_steps}"
-                      + (", target reached" if resumed["outer"] < args.outer_steps else "") + "); nothing to do",
-                      flush=True)
-            if not args.eval_test:  # nothing to compute: no data to load
-                return summarise(args, None, None, None, resumed, lambda *a: None)
-        prepared = shared.prepared()
-        if program_key(args) not in shared.programs:
-            shared.programs[program_key(args)] = build_programs(args, prepared)
-        return outer_loops(args, prepared, shared.programs[program_key(args)], checkpoints, resumed, stop)
+        resumed = checkpoint.resume_point(config, checkpoints)  # before loading data: refuse at once
+        if resumed and checkpoint.finished(config, resumed):
+            return summarise_finished(config, shared, checkpoints, resumed)
+        programs = shared.programs_for(config)
+        return outer_loops(config, shared.prepared(), programs, checkpoints, resumed, stop)
     finally:
         if checkpoints:
             checkpoints.close()  # waits for a save still being written
 
 
-def initial_progress(args) -> dict:
-    return {"outer": 0, "best": {"validation_accuracy": -1.0, "outer": None, "step": None}, "history": [],
-            "loss": None, "train_seconds": 0.0, "elapsed_seconds": 0.0, "run": checkpoint.run_definition(args)}
+def summarise_finished(config, shared: Shared, checkpoints, progress: dict) -> dict:
+    """A finished run run again: nothing is trained (no data loaded unless --eval-test asks for the test
+    accuracy); its summary is added to the metrics only if they lack it (a stop between the last
+    checkpoint and the summary) or lack the test accuracy now asked for."""
+    log(f"{config.output_dir}: finished earlier (outer loop {progress['outer']} of {config.outer_steps}"
+        + (", target reached" if progress["outer"] < config.outer_steps else "") + "); nothing to train")
+    prepared = programs = best_params = None
+    if config.eval_test:
+        prepared, programs = shared.prepared(), shared.programs_for(config)
+        state = create_state(programs.model, programs.optimiser, config.seed, programs.image_shape)
+        best_params = checkpoint.restore(checkpoints, state, state.params)[1]
+    summary = summarise(config, prepared, programs, best_params, progress)
+    if jax.process_index() == 0 and config.output_dir:
+        complete_summary(os.path.join(config.output_dir, "metrics.jsonl"), summary)
+    return summary
 
 
-def start(args, prepared: Prepared, p: dict, checkpoints, resumed: dict | None):
+def start(config, prepared: Prepared, programs: Programs, checkpoints, resumed: dict | None):
     """(replicated state, best params, progress) fresh or from the checkpoint, and the metrics log to match."""
-    log, is_main = prepared.log, jax.process_index() == 0
-    state = with_hyperparams(create_state(p["model"], p["optimiser"], args.seed, p["image_shape"]), args)
-    log(f"model: {param_count(state.params):,} params, {args.dtype}; {args.optimiser} lr {args.learning_rate:g} "
-        f"({args.schedule}); {p['conv']} convs; inner loop {p['inner_mode']}; "
-        f"microbatch {p['microbatch']} of {prepared.train_data[0].shape[1]} per device")
+    state = create_state(programs.model, programs.optimiser, config.seed, programs.image_shape)
+    state = with_hyperparams(state, config)
+    log(f"model: {param_count(state.params):,} params, {config.dtype}; {config.optimiser} lr "
+        f"{config.learning_rate:g} ({config.schedule}); {programs.model.conv} convs; inner loop "
+        f"{programs.inner_mode}; microbatch {programs.microbatch} of {prepared.train_data[0].shape[1]} per device")
     if resumed:
         state, best_params, progress = checkpoint.restore(checkpoints, state, state.params)
         log(f"resuming after outer loop {progress['outer']} from {checkpoints.directory}")
     else:
         state = flax.jax_utils.replicate(state)
-        best_params, progress = state.params, initial_progress(args)
-    header = {"config": dict(vars(args)), "inner_loop": p["inner_mode"], "conv": p["conv"],
-              "microbatch": p["microbatch"], "devices": jax.device_count(), "processes": jax.process_count(),
+        best_params, progress = state.params, checkpoint.initial_progress(config)
+    header = {"config": dataclasses.asdict(config), "inner_loop": programs.inner_mode, "conv": programs.model.conv,
+              "microbatch": programs.microbatch, "devices": jax.device_count(), "processes": jax.process_count(),
               "backend": jax.default_backend(), "train_examples": prepared.train_count,
               "validation_examples": prepared.val_count, "examples_per_step": prepared.train_count * prepared.stride,
               "jax": jax.__version__, "run": progress["run"]}
-    if is_main and args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-    write = is_main and args.output_dir and not finished(args, progress)  # a finished run's files stay as they are
-    metrics = MetricsLog(os.path.join(args.output_dir, "metrics.jsonl") if write else None,
+    is_main = jax.process_index() == 0
+    if is_main and config.output_dir:
+        os.makedirs(config.output_dir, exist_ok=True)
+    # A finished run's files stay as they are.
+    write = is_main and config.output_dir and not checkpoint.finished(config, progress)
+    metrics = MetricsLog(os.path.join(config.output_dir, "metrics.jsonl") if write else None,
                          header, progress["outer"] if resumed else None)
     return state, best_params, progress, metrics
 
 
-def outer_line(args, record: dict, best: dict, first: bool) -> str:
-    return (f"outer {record['outer']}/{args.outer_steps} step {record['step']}: loss {record['loss']:.4f} "
-            f"train acc {record['train_accuracy']:.4f} val acc {record['validation_accuracy']:.4f} "
-            f"(best {best['validation_accuracy']:.4f} @ outer {best['outer']}) | {record['inner_seconds']:.2f}s "
-            f"{record['images_per_second']:,.0f} img/s | elapsed {record['elapsed_seconds']:.1f}s"
-            + (" (includes compilation)" if first else ""))
-
-
-def outer_loops(args, prepared: Prepared, p: dict, checkpoints, resumed: dict | None, stop: StopSignals) -> dict:
-    """The outer loops (inner loop, validation, metrics line, checkpoint), then the summary."""
-    log, is_main = prepared.log, jax.process_index() == 0
-    step_examples = prepared.train_count * prepared.stride
-    state, best_params, progress, metrics = start(args, prepared, p, checkpoints, resumed)
-    try:
-        best, loss = progress["best"], progress["loss"]
-        first_outer = progress["outer"] + 1
-        started = time.perf_counter() - progress["elapsed_seconds"]
-        while not finished(args, progress):
+def outer_loops(config, prepared: Prepared, programs: Programs, checkpoints, resumed, stop: StopSignals) -> dict:
+    """Until the run is finished: the inner loop, evaluation and its record, the best params kept, a
+    checkpoint; then the summary. A stop signal agreed by every process ends it between two steps."""
+    state, best_params, progress, metrics = start(config, prepared, programs, checkpoints, resumed)
+    first_outer = progress["outer"] + 1
+    started = time.perf_counter() - progress["elapsed_seconds"]
+    with metrics:
+        while not checkpoint.finished(config, progress):
             outer = progress["outer"] + 1
             if stop.agree():  # every process takes part, so all stop before the same outer loop
-                raise Interrupted(stop.agreed, outer, progress["outer"], args.output_dir)
+                raise Interrupted.during_run(stop.agreed, outer, progress["outer"], config.output_dir)
             tick = time.perf_counter()
-            done = p["inner"](state, *prepared.train_data, stop=stop)
+            done = programs.inner(state, *prepared.train_data, stop=stop)
             if done is None:  # a stop signal came mid-loop: its steps are dropped, the checkpoint stands
-                raise Interrupted(stop.agreed, outer, progress["outer"], args.output_dir)
+                raise Interrupted.during_run(stop.agreed, outer, progress["outer"], config.output_dir)
             state, loss = done
-            loss = float(loss[0])  # waits for the inner loop to finish
-            inner_seconds = time.perf_counter() - tick
-            val_correct, val_broken = (int(c[0]) for c in p["evaluate"](state.params, *prepared.val_data, 1))
-            train_correct, train_broken = (int(c[0]) for c in p["evaluate"](state.params, *prepared.train_data,
-                                                                             prepared.stride))
-            if not math.isfinite(loss) or val_broken or train_broken:
-                metrics.write({"outer": outer, "diverged": True, "loss": str(loss)})
-                raise Diverged(f"{'loss is ' + str(loss) if not math.isfinite(loss) else 'logits are not finite'} "
-                               f"after outer loop {outer} (step {outer * args.inner_steps}); last finite loss "
-                               f"{progress['loss']}; " + (
-                                   f"best validation accuracy {best['validation_accuracy']:.4f} at outer "
-                                   f"{best['outer']} (kept)" if best["outer"] else "no validation before it"))
-            progress["train_seconds"] += inner_seconds
-            val_accuracy, train_accuracy = val_correct / prepared.val_count, train_correct / prepared.train_count
-            record = {"outer": outer, "step": outer * args.inner_steps, "loss": loss,
-                      "train_accuracy": train_accuracy, "validation_accuracy": val_accuracy,
-                      "inner_seconds": inner_seconds,
-                      "images_per_second": step_examples * args.inner_steps / inner_seconds,
-                      "train_seconds": progress["train_seconds"], "elapsed_seconds": time.perf_counter() - started}
-            if val_accuracy > best["validation_accuracy"]:
-                best = {"validation_accuracy": val_accuracy, "outer": outer, "step": record["step"]}
-                best_params = jax.tree.map(jnp.copy, state.params)  # the state's own buffers are donated
-                if is_main and args.output_dir:
-                    write_params(os.path.join(args.output_dir, "best_params.msgpack"),
-                                 jax.device_get(flax.jax_utils.unreplicate(best_params)))
-            record["best_validation_accuracy"] = best["validation_accuracy"]
-            log(outer_line(args, record, best, first=outer == first_outer))
+            record = evaluate(config, prepared, programs, state, float(loss[0]), tick, progress, metrics)
+            record["elapsed_seconds"] = time.perf_counter() - started
+            best_params = keep_best(config, record, state, best_params, progress)
+            log(outer_line(config.outer_steps, record, progress["best"], first=outer == first_outer))
             metrics.write(record)  # before the checkpoint: a resume may redo a line, never lose one
             progress["history"].append({k: record[k] for k in ("outer", "step", "validation_accuracy",
                                                                "train_seconds", "elapsed_seconds")})
-            progress.update(outer=outer, best=best, loss=loss, elapsed_seconds=record["elapsed_seconds"])
+            progress.update(outer=outer, loss=record["loss"], train_seconds=record["train_seconds"],
+                            elapsed_seconds=record["elapsed_seconds"])
             if checkpoints:
-                checkpoint.save(checkpoints, state, best_params, progress, val_accuracy)
-            if args.stop_at_target and finished(args, progress) and outer < args.outer_steps:
-                log(f"stopping: reached --target-accuracy {args.target_accuracy}")
-        summary = summarise(args, prepared, p, best_params, progress, log)
+                checkpoint.save(checkpoints, state, best_params, progress, record["validation_accuracy"])
+            if config.stop_at_target and checkpoint.finished(config, progress) and outer < config.outer_steps:
+                log(f"stopping: reached --target-accuracy {config.target_accuracy}")
+        summary = summarise(config, prepared, programs, best_params, progress)
         metrics.write({"summary": summary})
         return summary
-    finally:
-        metrics.close()
 
 
-def summarise(args, prepared: Prepared | None, p: dict | None, best_params, progress: dict, log) -> dict:
-    best, target = progress["best"], target_reached(progress["history"], args.target_accuracy)
-    summary = {"best": best, "target": target, "target_accuracy": args.target_accuracy,
+def evaluate(config, prepared: Prepared, programs: Programs, state, loss: float, tick: float, progress: dict,
+             metrics: MetricsLog) -> dict:
+    """The outer loop's record: loss, train and validation accuracy, speed; Diverged if the loss or the
+    logits are no longer finite (recorded as such, and never kept as the best)."""
+    inner_seconds = time.perf_counter() - tick  # the loss above waited for the inner loop
+    outer = progress["outer"] + 1
+    val_correct, val_broken = (int(c[0]) for c in programs.evaluate(state.params, *prepared.val_data, 1))
+    train_correct, train_broken = (int(c[0]) for c in programs.evaluate(state.params, *prepared.train_data,
+                                                                          prepared.stride))
+    if not math.isfinite(loss) or val_broken or train_broken:
+        metrics.write({"outer": outer, "diverged": True, "loss": str(loss)})
+        best = progress["best"]
+        raise Diverged(f"{'loss is ' + str(loss) if not math.isfinite(loss) else 'logits are not finite'} after "
+                       f"outer loop {outer} (step {outer * config.inner_steps}); last finite loss {progress['loss']}; "
+                       + (f"best validation accuracy {best['validation_accuracy']:.4f} at outer {best['outer']} "
+                          "(kept)" if best["outer"] else "no validation before it"))
+    step_examples = prepared.train_count * prepared.stride
+    return {"outer": outer, "step": outer * config.inner_steps, "loss": loss,
+            "train_accuracy": train_correct / prepared.train_count,
+            "validation_accuracy": val_correct / prepared.val_count, "inner_seconds": inner_seconds,
+            "images_per_second": step_examples * config.inner_steps / inner_seconds,
+            "train_seconds": progress["train_seconds"] + inner_seconds}
+
+
+def keep_best(config, record: dict, state, best_params, progress: dict):
+    """The best params so far (a copy, with best_params.msgpack), updated when validation accuracy improves."""
+    if record["validation_accuracy"] > progress["best"]["validation_accuracy"]:
+        progress["best"] = {"validation_accuracy": record["validation_accuracy"], "outer": record["outer"],
+                            "step": record["step"]}
+        best_params = jax.tree.map(jnp.copy, state.params)  # the state's own buffers are donated
+        if jax.process_index() == 0 and config.output_dir:
+            checkpoint.write_params(os.path.join(config.output_dir, "best_params.msgpack"),
+                                    jax.device_get(flax.jax_utils.unreplicate(best_params)))
+    record["best_validation_accuracy"] = progress["best"]["validation_accuracy"]
+    return best_params
+
+
+def summarise(config, prepared: Prepared | None, programs: Programs | None, best_params, progress: dict) -> dict:
+    best, target = progress["best"], checkpoint.target_reached(progress["history"], config.target_accuracy)
+    summary = {"best": best, "target": target, "target_accuracy": config.target_accuracy,
                "final_loss": progress["loss"], "train_seconds": progress["train_seconds"]}
     if target:
-        log(f"reached validation accuracy {args.target_accuracy} at outer {target['outer']} (step "
+        log(f"reached validation accuracy {config.target_accuracy} at outer {target['outer']} (step "
             f"{target['step']}) after {target['train_seconds']:.1f}s of training")
     else:
-        log(f"did not reach validation accuracy {args.target_accuracy}; best {best['validation_accuracy']:.4f}")
-    if args.eval_test:
-        test_data, test_count = prepare_split(prepared.load("test"), "test", False, log)
-        summary["test_accuracy"] = int(p["evaluate"](best_params, *test_data, 1)[0][0]) / test_count
+        log(f"did not reach validation accuracy {config.target_accuracy}; best {best['validation_accuracy']:.4f}")
+    if config.eval_test:
+        test_data, test_count = prepare_split(load_split(config, "test", prepared.num_classes), "test", False)
+        summary["test_accuracy"] = int(programs.evaluate(best_params, *test_data, 1)[0][0]) / test_count
         log(f"test accuracy of the best params (outer {best['outer']}): {summary['test_accuracy']:.4f}")
     return summary
 
 
-def exit_on_failure(program: str, fn: Callable, *fn_args):
-    """fn(*fn_args); a failure the project knows ends the process with one line and its exit code:
-    2 bad flag or data, 3 diverged, 4 unreachable coordinator, 128 + signal when stopped by one."""
-    try:
-        return fn(*fn_args)
-    except (UsageError, data.DataError) as error:
-        fail(str(error), program)
-    except Diverged as error:
-        print(f"{program}: diverged: {error}", file=sys.stderr)
-        sys.exit(3)
-    except Interrupted as error:
-        print(f"{program}: {error}", file=sys.stderr)
-        # The checkpoint is complete; the other processes of a pod may get their SIGTERM while this one shuts
-        # down (Python restores the default, fatal, handler then): ignored, so it still exits 128 + signal.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        sys.exit(error.exit_code)
-    except PeerError as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
-        sys.exit(4)
-
-
 def main(argv=None) -> None:
-    exit_on_failure("train.py", lambda: run(parse_args(argv)))
+    exit_on_failure("train.py", lambda: run(parse_config(argv, __doc__)))
 
 
 if __name__ == "__main__":

@@ -1,25 +1,85 @@
+"""What several test files share: processes with emulated devices, free ports, image folders, metrics."""
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+
+import numpy as np
+from PIL import Image
 
 from conftest import ROOT
 
 SMALL = ["--dataset", "synthetic", "--image-size", "16", "--channels", "8,16", "--dense", "16"]
 
 
+def device_env(devices: int = 8, **extra) -> dict:
+    """The environment of a fresh process with `devices` emulated CPU devices."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), **extra)
+
+
 def run_train(args, devices=8, extra_env=None, timeout=300, check=True):
     """train.py in a fresh process with `devices` emulated CPU devices."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               **(extra_env or {}))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], env=device_env(devices, **(
+        extra_env or {})), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
+
+
+def start_train(args, devices=8, process_id=None, port=None):
+    """train.py started in the background (one of two processes when `process_id` and `port` are given)."""
+    if process_id is not None:
+        args = [*args, "--coordinator-address", f"localhost:{port}", "--num-processes", "2",
+                "--process-id", str(process_id)]
+    return subprocess.Popen([sys.executable, "train.py", *args], env=device_env(devices), cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def read_metrics(output_dir):
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f]
     return lines[0], [r for r in lines[1:] if "outer" in r], lines[-1].get("summary")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def make_images(root, corrupt=False, per_class=10):
+    """Two class folders of 16x16 JPEGs whose red channel counts up; optionally one corrupt file."""
+    for name in ("Forest", "River"):
+        os.makedirs(root / name)
+        for i in range(per_class):
+            Image.new("RGB", (16, 16), (i * 20 % 256, 0, 0)).save(root / name / f"{name}_{i}.jpg")
+    if corrupt:
+        (root / "River" / "River_3.jpg").write_bytes(b"\xff\xd8 truncated")
+    return root
+
+
+def make_folder(root, classes=("Forest", "River", "SeaLake"), per_class=4, size=8):
+    """Class folders of random PNG images (lossless: the pixels read back exactly)."""
+    rng = np.random.default_rng(0)
+    for name in classes:
+        os.makedirs(root / name)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size, size, 3)).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{name}_{i + 1}.png")
+    return root
+
+
+def wait_for_records(output_dir, count, process, timeout=120):
+    """Until metrics.jsonl holds `count` outer-loop lines (the run's process must still be alive)."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        if os.path.exists(path):
+            with open(path) as f:
+                if sum('"outer"' in line for line in f) >= count:
+                    return
+        time.sleep(0.02)
+    raise AssertionError(f"no {count} outer loops in {timeout}s")

@@ -1,14 +1,14 @@
 import json
-import os
 import subprocess
 import sys
 
 from conftest import ROOT
+from helpers import device_env
 
 
 def test_bench_times_the_step_and_the_reference_and_writes_its_figures(tmp_path):
     out = tmp_path / "bench.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = device_env()  # bench.py --devices sets its own count
     subprocess.run([sys.executable, "bench.py", "--batch", "32", "--devices", "2", "--channels", "4,8", "--dense", "8",
                     "--image-size", "16", "--steps", "1", "--repeats", "1", "--inner-loop", "both", "--compare",
                     "--json", str(out)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)

@@ -7,16 +7,7 @@ from PIL import Image
 
 import data
 from conftest import SHARED_EUROSAT
-
-
-def make_folder(root, classes=("Forest", "River", "SeaLake"), per_class=4, size=8):
-    rng = np.random.default_rng(0)
-    for name in classes:
-        os.makedirs(root / name)
-        for i in range(per_class):
-            pixels = rng.integers(0, 256, (size, size, 3)).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{name}_{i + 1}.png")  # lossless: exact pixels
-    return root
+from helpers import make_folder
 
 
 def test_split_bounds_match_the_experiments_sizes():

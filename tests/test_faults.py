@@ -3,8 +3,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import flax
@@ -16,10 +14,8 @@ from PIL import Image
 
 import data
 import train
-from conftest import ROOT
-from helpers import SMALL, read_metrics, run_train
+from helpers import SMALL, free_port, make_images, read_metrics, run_train, start_train, wait_for_records
 from model import ConvNet
-from test_train import free_port
 
 RUN = [*SMALL, "--synthetic-examples", "300", "--inner-steps", "3"]
 OUTCOMES = ("step", "loss", "train_accuracy", "validation_accuracy", "best_validation_accuracy")
@@ -41,20 +37,6 @@ def assert_same_tree(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
-
-
-def wait_for_records(output_dir, count, process, timeout=120):
-    """Until metrics.jsonl holds `count` outer-loop lines (the run's process must still be alive)."""
-    path = os.path.join(output_dir, "metrics.jsonl")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        if os.path.exists(path):
-            with open(path) as f:
-                if sum('"outer"' in line for line in f) >= count:
-                    return
-        time.sleep(0.02)
-    raise AssertionError(f"no {count} outer loops in {timeout}s")
 
 
 def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path):
@@ -110,9 +92,7 @@ def test_a_scheduled_run_cannot_change_its_length_on_resume(tmp_path, capsys):
 def test_a_stop_signal_leaves_a_checkpoint_that_resumes_to_the_uninterrupted_result(tmp_path, signum):
     args = [*RUN, "--inner-steps", "5", "--outer-steps", "40", "--schedule", "warmup_cosine",
             "--warmup-steps", "20", "--output-dir", str(tmp_path / "stopped")]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    process = subprocess.Popen([sys.executable, "train.py", *args], env=env, cwd=ROOT, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = start_train(args)
     wait_for_records(tmp_path / "stopped", 2, process)
     process.send_signal(signum)
     stderr = process.communicate(timeout=60)[1]
@@ -135,12 +115,8 @@ def test_a_stop_signal_leaves_a_checkpoint_that_resumes_to_the_uninterrupted_res
 def test_a_dead_process_stops_the_others_in_bounded_time_and_its_checkpoint_resumes(tmp_path):
     args = [*RUN, "--inner-steps", "5", "--outer-steps", "30", "--distributed-timeout", "10",
             "--output-dir", str(tmp_path)]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
     port = free_port()
-    processes = [subprocess.Popen(
-        [sys.executable, "train.py", *args, "--coordinator-address", f"localhost:{port}", "--num-processes", "2",
-         "--process-id", str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
+    processes = [start_train(args, devices=4, process_id=i, port=port) for i in range(2)]
     wait_for_records(tmp_path, 3, processes[0])
     processes[1].kill()
     killed_at = time.monotonic()
@@ -169,10 +145,7 @@ def test_an_unreachable_coordinator_is_reported_within_the_timeout(tmp_path):
 
 def test_metrics_lines_are_on_disk_as_each_outer_loop_ends(tmp_path):
     """What a killed run measured is never lost: every line is flushed when written."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    process = subprocess.Popen([sys.executable, "train.py", *RUN, "--outer-steps", "200", "--output-dir",
-                                str(tmp_path)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = start_train([*RUN, "--outer-steps", "200", "--output-dir", str(tmp_path)])
     wait_for_records(tmp_path, 2, process)
     process.kill()
     process.communicate()
@@ -189,12 +162,8 @@ def test_processes_signalled_at_different_moments_stop_together_after_the_same_o
     the others at an all-reduce forever."""
     args = [*RUN, "--inner-steps", "5", "--outer-steps", "40", "--inner-loop", inner_loop,
             "--output-dir", str(tmp_path)]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
     port = free_port()
-    processes = [subprocess.Popen(
-        [sys.executable, "train.py", *args, "--coordinator-address", f"localhost:{port}", "--num-processes", "2",
-         "--process-id", str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
+    processes = [start_train(args, devices=4, process_id=i, port=port) for i in range(2)]
     try:
         wait_for_records(tmp_path, 2, processes[0])
         for number, process in enumerate(signalled):
@@ -240,13 +209,20 @@ def test_rerunning_a_finished_run_changes_nothing(tmp_path, capsys):
     for _ in range(2):
         capsys.readouterr()
         train.main(command)
-        assert "finished earlier (outer loop 1 of 3, target reached); nothing to do" in capsys.readouterr().out
+        assert "finished earlier (outer loop 1 of 3, target reached); nothing to train" in capsys.readouterr().out
     assert (tmp_path / "metrics.jsonl").read_text() == before
     assert latest_checkpoint(tmp_path)[0] == 1
+    # Stopped between its last checkpoint and its summary: a re-run adds the summary, and only that.
+    (tmp_path / "metrics.jsonl").write_text("".join(before.splitlines(keepends=True)[:-1]))
+    train.main(command)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    train.main([*command, "--eval-test"])  # the test accuracy asked for later joins the summary
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)
+    assert "".join(lines[:-1]) == "".join(before.splitlines(keepends=True)[:-1])
+    assert 0 <= json.loads(lines[-1])["summary"]["test_accuracy"] <= 1
 
 
 def test_a_checkpoint_of_another_image_folder_is_refused_and_the_same_images_elsewhere_resume(tmp_path, capsys):
-    from test_train import make_images
     first = make_images(tmp_path / "first", per_class=40)  # 8 validation images: one per device
     shutil.copytree(first, tmp_path / "copy")
     shutil.copytree(first, tmp_path / "other")
@@ -259,7 +235,7 @@ def test_a_checkpoint_of_another_image_folder_is_refused_and_the_same_images_els
         train.main([*folder, "--data-dir", str(tmp_path / "other"), "--outer-steps", "2"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
-    assert "holds a checkpoint of a different run (the images in --data-dir '80 images, sha256" in error
+    assert "holds a checkpoint of a different run (--data-dir '80 images, sha256" in error
     train.main([*folder, "--data-dir", str(tmp_path / "copy"), "--outer-steps", "2"])  # same images, other path
     assert "resuming after outer loop 1" in capsys.readouterr().out
 

@@ -1,12 +1,18 @@
 import csv
 import os
+import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import sweep
 import train
-from helpers import SMALL, read_metrics
+from errors import UsageError
+from conftest import ROOT
+from helpers import SMALL, device_env, read_metrics, wait_for_records
 
 FIXED = [*SMALL, "--synthetic-examples", "300", "--inner-steps", "4", "--outer-steps", "3", "--target-accuracy", "0.3"]
 
@@ -33,10 +39,12 @@ def test_a_tiny_sweep_ranks_runs_marks_divergence_and_resumes(tmp_path, capsys):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {s["optimiser"] for s in summary} == {"adam", "sgd"}
     stamps = {n: os.path.getmtime(out / n / "metrics.jsonl") for n in names}
+    for n in names:  # results kept without their checkpoints (as under results/) are finished all the same
+        shutil.rmtree(out / n / "checkpoints", ignore_errors=True)
     capsys.readouterr()
     sweep.run_sweep(*sweep.parse_args(argv))
     printed = capsys.readouterr().out
-    assert printed.count("finished earlier") + printed.count("ended earlier (diverged or crashed), skipped") == 4
+    assert printed.count("finished earlier, skipped") + printed.count("ended earlier (diverged or crashed)") == 4
     assert stamps == {n: os.path.getmtime(out / n / "metrics.jsonl") for n in names}
 
 
@@ -55,7 +63,7 @@ def test_a_run_inside_a_sweep_equals_the_same_run_through_train_py(tmp_path):
 def test_each_optimiser_may_have_its_own_rates(tmp_path):
     grid, base = sweep.parse_args(["--optimisers", "lamb,sgd", "--learning-rates", "0.001", "--sgd-rates", "0.1,0.3",
                                    "--seeds", "0,1", "--output-dir", str(tmp_path), *FIXED])
-    assert [p.run_name for p in sweep.grid_points(grid, base)] == [
+    assert [p.name for p in sweep.grid_points(grid, base)] == [
         "lamb-lr0.001-wd0-constant-s0", "lamb-lr0.001-wd0-constant-s1", "sgd-lr0.1-m0.9-constant-s0",
         "sgd-lr0.1-m0.9-constant-s1", "sgd-lr0.3-m0.9-constant-s0", "sgd-lr0.3-m0.9-constant-s1"]
 
@@ -74,12 +82,30 @@ def test_a_sweep_rerun_with_other_fixed_flags_refuses_its_finished_and_diverged_
         assert exit_info.value.code == 2
         error = capsys.readouterr().err.strip()
         assert error.startswith("sweep.py: error:")
-        assert "holds a checkpoint of a different run (--inner-steps 4 -> 5)" in error and "\n" not in error
+        assert "holds the metrics of a different run (--inner-steps 4 -> 5)" in error and "\n" not in error
 
 
-@pytest.mark.parametrize("flag,listed", [(["--momentum", "0.5"], "--momenta"), (["--weight-decay", "0.1"], "--weight-decays"),
-                                         (["--seed=3"], "--seeds"), (["--learning-rate", "0.1"], "--learning-rates"),
-                                         (["--optimiser", "adam"], "--optimisers")])
+@pytest.mark.parametrize("flag,listed", [
+    (["--momentum", "0.5"], "--momenta"), (["--weight-decay", "0.1"], "--weight-decays"), (["--seed=3"], "--seeds"),
+    (["--learning-rate", "0.1"], "--learning-rates"), (["--optimiser", "adam"], "--optimisers")])
 def test_single_value_forms_of_swept_flags_are_refused(tmp_path, flag, listed):
-    with pytest.raises(train.UsageError, match=f"{flag[0].split('=')[0]} is swept by sweep.py: give its values as {listed}"):
+    with pytest.raises(UsageError, match=f"{flag[0].split('=')[0]} is swept by sweep.py: give its values as {listed}"):
         sweep.parse_args(["--output-dir", str(tmp_path), *flag, *FIXED])
+
+
+def test_a_stop_signal_during_a_runs_last_outer_loop_stops_the_sweep_before_its_next_run(tmp_path):
+    out = tmp_path / "sweep"
+    argv = ["--optimisers", "lamb", "--learning-rates", "0.01", "--seeds", "0,1", "--output-dir", str(out), *FIXED,
+            "--outer-steps", "1", "--inner-loop", "compiled"]
+    process = subprocess.Popen([sys.executable, "sweep.py", *argv], env=device_env(), cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = out / "lamb-lr0.01-wd0-constant-s0" / "metrics.jsonl"
+    wait_for_records(first.parent, 0, process)  # the run has begun: the compiled outer loop is under way
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == ("sweep.py: stopped by SIGTERM before run 2 of 2 "
+                                               "(lamb-lr0.01-wd0-constant-s1); re-running the same command goes on "
+                                               "from there")
+    assert read_metrics(first.parent)[2] is not None  # the first run finished its one outer loop
+    assert not (out / "lamb-lr0.01-wd0-constant-s1").exists()

@@ -1,8 +1,6 @@
-import argparse
 import functools
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -13,10 +11,13 @@ import numpy as np
 import optax
 import pytest
 
+import config
 import data
+import optimisers
+import parallel
 import train
 from conftest import ROOT
-from helpers import SMALL, read_metrics, run_train
+from helpers import SMALL, device_env, free_port, make_images, read_metrics, run_train, start_train
 from model import ConvNet
 
 
@@ -40,18 +41,18 @@ def reference_loss_grads_correct(model, params, split):
 def test_padded_sharded_step_equals_the_unpadded_single_device_computation(microbatch):
     split, model, params = small_problem(13)  # 13 examples over 8 devices: 3 padding slots
     loss, grads, correct = reference_loss_grads_correct(model, params, split)
-    state = flax.jax_utils.replicate(train.create_state(model, optax.sgd(1.0), 0, (8, 8, 3)))
+    state = flax.jax_utils.replicate(optimisers.create_state(model, optax.sgd(1.0), 0, (8, 8, 3)))
     state = state.replace(params=flax.jax_utils.replicate(params))
-    batch = train.on_devices(*data.pad_and_shard(split, 8, 2))  # (8, 2, ...)
+    batch = parallel.on_devices(*data.pad_and_shard(split, 8, 2))  # (8, 2, ...)
     step = jax.pmap(functools.partial(train.train_step, example_count=13.0, microbatch=microbatch),
-                    axis_name=train.AXIS)
+                    axis_name=parallel.AXIS)
     new_state, step_loss = step(state, *batch)
     np.testing.assert_allclose(np.asarray(step_loss), float(loss), rtol=1e-5)  # same on every device
     # Plain SGD with rate 1: new = old - grad, so the applied gradient is old - new.
     applied = jax.tree.map(lambda old, new: old - new[0], params, new_state.params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), applied, grads)
     evaluate = jax.pmap(functools.partial(train.evaluation_counts, apply_fn=model.apply, chunk=microbatch),
-                        axis_name=train.AXIS, static_broadcasted_argnums=4)
+                        axis_name=parallel.AXIS, static_broadcasted_argnums=4)
     counts = evaluate(state.params, *batch, 1)
     assert int(counts[0][0]) == correct and int(counts[1][0]) == 0
 
@@ -108,10 +109,8 @@ def test_training_is_the_same_on_one_and_on_eight_devices(tmp_path):
             "--inner-loop", "compiled", "--learning-rate", "0.05"]
     outputs = {devices: str(tmp_path / f"d{devices}-") for devices in (1, 8)}
     for devices, prefix in outputs.items():
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                   OUT=prefix)
-        subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=ROOT, check=True, capture_output=True,
-                       timeout=300)
+        subprocess.run([sys.executable, "-c", script, *args], env=device_env(devices, OUT=prefix), cwd=ROOT,
+                       check=True, capture_output=True, timeout=300)
     for opt in ("lamb", "adam", "sgd"):
         one, eight = (read_metrics(outputs[d] + opt) for d in (1, 8))
         assert one[0]["devices"] == 1 and eight[0]["devices"] == 8
@@ -123,21 +122,12 @@ def test_training_is_the_same_on_one_and_on_eight_devices(tmp_path):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *trees)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
     args = [*SMALL, "--synthetic-examples", "250", "--inner-steps", "3", "--outer-steps", "2"]
     run_train([*args, "--output-dir", str(tmp_path / "single")])
     port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    processes = [subprocess.Popen(
-        [sys.executable, "train.py", *args, "--output-dir", str(tmp_path / "multi"),
-         "--coordinator-address", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
-        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    processes = [start_train([*args, "--output-dir", str(tmp_path / "multi")], devices=4, process_id=i, port=port)
+                 for i in range(2)]
     outputs = [p.communicate(timeout=300) for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert "outer 2/2" in outputs[0][0] and "outer" not in outputs[1][0]  # process 0 alone reports
@@ -146,17 +136,6 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
     np.testing.assert_allclose([r["loss"] for r in multi[1]], [r["loss"] for r in single[1]], rtol=1e-5)
     for key in ("train_accuracy", "validation_accuracy"):
         assert [r[key] for r in multi[1]] == [r[key] for r in single[1]]
-
-
-def make_images(root, corrupt=False, per_class=10):
-    from PIL import Image
-    for name in ("Forest", "River"):
-        os.makedirs(root / name)
-        for i in range(per_class):
-            Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(root / name / f"{name}_{i}.jpg")
-    if corrupt:
-        (root / "River" / "River_3.jpg").write_bytes(b"\xff\xd8 truncated")
-    return root
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -204,9 +183,9 @@ def test_missing_eurosat_stops_with_instructions_and_no_traceback(tmp_path):
 
 def test_help_documents_every_flag_with_its_default(capsys):
     with pytest.raises(SystemExit):
-        train.build_parser().parse_args(["--help"])
+        config.build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
-    flags = [o for action in train.build_parser()._actions for o in action.option_strings if o != "-h"]
+    flags = [o for action in config.build_parser()._actions for o in action.option_strings if o != "-h"]
     assert len(flags) > 30 and "--distributed-timeout" in flags
     for flag in flags:
         assert flag in text
@@ -226,7 +205,7 @@ def test_a_diverging_run_stops_with_a_message_and_keeps_its_metrics(tmp_path):
 
 @pytest.mark.parametrize("schedule", ["constant", "warmup_cosine", "warmup_linear"])
 def test_schedules_scale_the_peak_rate_by_their_shape(schedule):
-    shape = train.schedule_shape(schedule, 10, 100)
+    shape = optimisers.schedule_shape(schedule, 10, 100)
     values = [float(shape(step)) for step in (0, 5, 10, 55, 100)]
     expected = {"constant": [1, 1, 1, 1, 1], "warmup_cosine": [0, 0.5, 1, 0.5, 0],
                 "warmup_linear": [0, 0.5, 1, 0.5, 0]}[schedule]
@@ -239,8 +218,9 @@ def test_hyperparameters_live_in_the_optimiser_state_and_match_plain_optax():
     grads = reference_loss_grads_correct(model, params, split)[1]
     for name, plain in [("lamb", optax.lamb(0.01, weight_decay=0.1)), ("adam", optax.adamw(0.01, weight_decay=0.1)),
                         ("sgd", optax.sgd(0.01, momentum=0.5))]:
-        rates = argparse.Namespace(learning_rate=0.01, weight_decay=0.1, momentum=0.5)
-        state = train.with_hyperparams(train.create_state(model, train.make_optimiser(name), 0, (8, 8, 3)), rates)
+        rates = config.Config(optimiser=name, learning_rate=0.01, weight_decay=0.1, momentum=0.5)
+        state = optimisers.create_state(model, optimisers.make_optimiser(name), 0, (8, 8, 3))
+        state = optimisers.with_hyperparams(state, rates)
         state = state.replace(params=params)
         for _ in range(2):
             state = state.apply_gradients(grads=grads)

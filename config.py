@@ -1,0 +1,187 @@
+"""A run's settings: the flags, their checks, and the one frozen `Config` every entry point uses.
+
+`parse(argv)` turns train.py's command line into a checked Config; sweep.py varies one with
+`dataclasses.replace`; bench.py and the tests build theirs with `Config(...)` and `check`.
+"""
+import argparse
+import dataclasses
+import math
+import os
+
+from errors import UsageError, fail
+from model import DEFAULT_CHANNELS, DEFAULT_DENSE
+
+OPTIMISERS = ("lamb", "adam", "sgd")
+DEFAULT_LEARNING_RATES = {"lamb": 1e-2, "adam": 1e-3, "sgd": 1e-1}
+SCHEDULES = ("constant", "warmup_cosine", "warmup_linear")
+DATASETS = ("tfds", "folder", "synthetic")
+DTYPES = ("float32", "bfloat16")
+CONVS = ("auto", "xla", "patches")
+INNER_LOOPS = ("auto", "compiled", "python")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every flag of train.py, with its default. learning_rate None means the optimiser's default."""
+    optimiser: str = "lamb"
+    learning_rate: float | None = None
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    inner_steps: int = 100
+    outer_steps: int = 13
+    inner_loop: str = "auto"
+    seed: int = 0
+    dataset: str = "tfds"
+    data_dir: str | None = None
+    manual_dir: str | None = None
+    synthetic_examples: int = 2000
+    image_size: int = 64
+    train_examples: int | None = None
+    no_augment: bool = False
+    channels: tuple[int, ...] = DEFAULT_CHANNELS
+    dense: int = DEFAULT_DENSE
+    dtype: str = "float32"
+    conv: str = "auto"
+    microbatch: int = 0
+    target_accuracy: float = 0.95
+    stop_at_target: bool = False
+    output_dir: str | None = None
+    resume: bool = False
+    keep_checkpoints: int = 2
+    eval_test: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    distributed_timeout: int = 300
+
+    def __post_init__(self):
+        if self.learning_rate is None:
+            object.__setattr__(self, "learning_rate", DEFAULT_LEARNING_RATES.get(self.optimiser))
+        object.__setattr__(self, "channels", tuple(self.channels))
+
+
+# What a run computes: a checkpoint resumes only under a config equal in these (checkpoint.run_definition),
+# with two refinements there: outer_steps counts only when the schedule's shape depends on the run's
+# length, and a data folder counts by its contents, not by its path.
+RUN_DEFINITION = ("optimiser", "learning_rate", "weight_decay", "momentum", "schedule", "warmup_steps",
+                  "inner_steps", "outer_steps", "seed", "dataset", "data_dir", "synthetic_examples", "image_size",
+                  "train_examples", "no_augment", "channels", "dense", "dtype")
+# How it is computed, reported or kept: free to change on resume (other devices, hosts, conv formulation...).
+HOW_COMPUTED = ("inner_loop", "manual_dir", "conv", "microbatch", "target_accuracy", "stop_at_target",
+                "output_dir", "resume", "keep_checkpoints", "eval_test", "coordinator_address", "num_processes",
+                "process_id", "distributed_timeout")
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)  # a prefix of one flag must never set another
+    p.error = lambda message: fail(f"{message} (see --help)")  # one line, no usage dump
+    default = Config()
+    add = p.add_argument
+    add("--optimiser", choices=OPTIMISERS, default=default.optimiser, help="optax optimiser")
+    add("--learning-rate", type=float, default=None,
+        help=f"peak learning rate; default per optimiser {DEFAULT_LEARNING_RATES}")
+    add("--weight-decay", type=float, default=default.weight_decay,
+        help="decoupled weight decay (lamb; adam becomes adamw)")
+    add("--momentum", type=float, default=default.momentum, help="sgd momentum")
+    add("--schedule", choices=SCHEDULES, default=default.schedule,
+        help="learning-rate shape: constant, or linear warmup then cosine or linear decay to 0 at the last step")
+    add("--warmup-steps", type=int, default=default.warmup_steps, help="warmup steps of the warmup_* schedules")
+    add("--inner-steps", type=int, default=default.inner_steps, help="update steps between validation checks")
+    add("--outer-steps", type=int, default=default.outer_steps, help="validation checks (outer loops)")
+    add("--inner-loop", choices=INNER_LOOPS, default=default.inner_loop,
+        help="compiled: the inner steps as one program (fori_loop); python: a host loop of pmapped steps; "
+             "auto: python on CPU, compiled elsewhere (measured, see README)")
+    add("--seed", type=int, default=default.seed, help="parameter initialisation seed")
+    add("--dataset", choices=DATASETS, default=default.dataset,
+        help="tfds: eurosat/rgb through tensorflow-datasets; folder: an extracted EuroSAT image folder; "
+             "synthetic: generated class-dependent images")
+    add("--data-dir", default=None, help="tfds: TFDS data_dir; folder: the folder with one sub-folder per class")
+    add("--manual-dir", default=None, help="tfds: folder holding a downloaded EuroSAT.zip (offline use)")
+    add("--synthetic-examples", type=int, default=default.synthetic_examples,
+        help="synthetic: total examples over all splits")
+    add("--image-size", type=int, default=default.image_size, help="synthetic: image side in pixels")
+    add("--train-examples", type=int, default=None, help="use the first N examples of the training split")
+    add("--no-augment", action="store_true", help="train on the images as they are, without the 8 dihedral forms")
+    add("--channels", default=",".join(map(str, default.channels)), help="conv widths, comma separated")
+    add("--dense", type=int, default=default.dense, help="hidden dense width")
+    add("--dtype", choices=DTYPES, default=default.dtype, help="compute dtype (params stay float32)")
+    add("--conv", choices=CONVS, default=default.conv,
+        help="how the stride-2 convs are computed: xla (nn.Conv) or patches (the same function as one matmul); "
+             "auto: patches on CPU, xla elsewhere (measured, see README)")
+    add("--microbatch", type=int, default=default.microbatch,
+        help="examples per device per gradient chunk (accumulated inside the step); 0: chosen from device memory")
+    add("--target-accuracy", type=float, default=default.target_accuracy,
+        help="report when validation accuracy first reaches it")
+    add("--stop-at-target", action="store_true", help="stop once --target-accuracy is reached")
+    add("--output-dir", default=None,
+        help="where process 0 writes metrics.jsonl and best_params.msgpack, and every process a checkpoint "
+             "per outer loop (on a pod: a folder every host sees); a checkpoint of the same run there resumes it")
+    add("--resume", action="store_true", help="require a checkpoint in --output-dir to continue from")
+    add("--keep-checkpoints", type=int, default=default.keep_checkpoints,
+        help="latest checkpoints kept, besides the best one")
+    add("--eval-test", action="store_true", help="at the end, report test accuracy of the best params")
+    add("--coordinator-address", default=None, help="multi-host: host:port of process 0 (not needed on TPU pods)")
+    add("--num-processes", type=int, default=None, help="multi-host: number of processes")
+    add("--process-id", type=int, default=None, help="multi-host: this process's index")
+    add("--distributed-timeout", type=int, default=default.distributed_timeout,
+        help="multi-host: seconds to wait for the coordinator at start, and for a silent process mid-run, "
+             "before exiting with an error")
+    return p
+
+
+def parse(argv=None, description: str | None = None) -> Config:
+    """train.py's command line as a checked Config; a bad value raises UsageError naming the flag."""
+    namespace = build_parser(description).parse_args(argv)
+    try:
+        namespace.channels = tuple(int(c) for c in namespace.channels.split(","))
+    except ValueError:
+        raise UsageError(f"--channels {namespace.channels!r} is not a comma-separated list of integers") from None
+    config = Config(**vars(namespace))
+    check(config)
+    return config
+
+
+def check(config: Config) -> None:
+    """Reject impossible settings before any data is loaded or device touched."""
+    c = config
+    positive = {"--learning-rate": c.learning_rate, "--inner-steps": c.inner_steps, "--outer-steps": c.outer_steps,
+                "--dense": c.dense, "--image-size": c.image_size, "--synthetic-examples": c.synthetic_examples,
+                "--keep-checkpoints": c.keep_checkpoints, "--distributed-timeout": c.distributed_timeout}
+    if c.train_examples is not None:
+        positive["--train-examples"] = c.train_examples
+    for flag, value in positive.items():
+        if not value > 0 or not math.isfinite(value):
+            raise UsageError(f"{flag} must be positive, got {value}")
+    if min(c.channels) <= 0:
+        raise UsageError(f"--channels must all be positive, got {c.channels}")
+    if c.weight_decay < 0:
+        raise UsageError(f"--weight-decay must be >= 0, got {c.weight_decay}")
+    if not 0 <= c.momentum < 1:
+        raise UsageError(f"--momentum must be in [0, 1), got {c.momentum}")
+    if not 0 <= c.warmup_steps < c.inner_steps * c.outer_steps:
+        raise UsageError(f"--warmup-steps must be in [0, total steps {c.inner_steps * c.outer_steps}), "
+                         f"got {c.warmup_steps}")
+    if c.microbatch < 0:
+        raise UsageError(f"--microbatch must be >= 0 (0 = automatic), got {c.microbatch}")
+    if not 0 < c.target_accuracy <= 1:
+        raise UsageError(f"--target-accuracy must be in (0, 1], got {c.target_accuracy}")
+    if c.dataset == "folder" and not c.data_dir:
+        raise UsageError("--dataset folder needs --data-dir PATH")
+    if c.output_dir and os.path.exists(c.output_dir) and not os.path.isdir(c.output_dir):
+        raise UsageError(f"--output-dir {c.output_dir} exists and is not a folder")
+    if c.resume and not c.output_dir:
+        raise UsageError("--resume needs --output-dir, the folder holding the checkpoint")
+    multihost = (c.coordinator_address, c.num_processes, c.process_id)
+    if any(v is not None for v in multihost) and any(v is None for v in multihost):
+        raise UsageError("--coordinator-address, --num-processes and --process-id go together")
+    if c.num_processes is not None:
+        if c.num_processes < 1:
+            raise UsageError(f"--num-processes must be >= 1, got {c.num_processes}")
+        if not 0 <= c.process_id < c.num_processes:
+            raise UsageError(f"--process-id {c.process_id} is outside 0..{c.num_processes - 1}")
+        host, _, port = c.coordinator_address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UsageError(f"--coordinator-address {c.coordinator_address!r} is not host:port")

@@ -1,0 +1,57 @@
+"""A run's data on the devices: this process's slice of each split, padded to the same per-device count
+on every host, sharded over the local devices, and the training split expanded into its 8 dihedral forms
+there (it never leaves the devices again)."""
+from typing import NamedTuple
+
+import jax
+
+import augment
+import data
+from errors import DataError
+from parallel import gather_counts, init_distributed, log, on_devices
+
+
+class Prepared(NamedTuple):
+    """What every run of a process shares: the data on the devices and its counts."""
+    train_data: tuple  # images (devices, per_device, H, W, C) uint8, labels (devices, per_device), mask
+    val_data: tuple
+    train_count: int  # real examples over all hosts, before augmentation
+    val_count: int
+    stride: int  # 8 when train_data holds the dihedral forms, else 1
+    num_classes: int
+
+
+def load_split(config, name: str, classes: int) -> data.Split:
+    """This process's examples of one split, their labels checked against the classes."""
+    split = data.load_split(config, name, process_index=jax.process_index(), process_count=jax.process_count())
+    return data.check_labels(split, classes, name)
+
+
+def prepare_split(split: data.Split, name: str, augmented: bool):
+    """This host's examples padded to a common per-device count (the same on every host) and placed."""
+    counts = gather_counts(len(split.labels))
+    total = int(counts.sum())
+    if total < jax.device_count():
+        raise DataError(f"the {name} split has {total} examples, fewer than the {jax.device_count()} devices")
+    devices = jax.local_device_count()
+    per_device = -(-int(counts.max()) // devices)
+    padding = jax.device_count() * per_device - total
+    images, labels, mask = on_devices(*data.pad_and_shard(split, devices, per_device))
+    if augmented:
+        images, labels, mask = augment.expand_sharded(images, labels, mask)  # (devices, 8 * per_device, ...)
+    log(f"{name}: {total} examples ({' + '.join(map(str, counts))} by process), {per_device} per device, "
+        f"{padding} padding (masked out)" + (f", x{augment.NUM_TRANSFORMS} augmented = "
+                                             f"{total * augment.NUM_TRANSFORMS} per step" if augmented else ""))
+    return (images, labels, mask), total
+
+
+def prepare(config) -> Prepared:
+    """Start the processes, load this process's data and put it, augmented, on the devices."""
+    init_distributed(config)
+    classes = data.num_classes(config)
+    log(f"jax {jax.__version__} {jax.default_backend()}: {jax.process_count()} process(es), "
+        f"{jax.device_count()} devices ({jax.local_device_count()} local: {jax.local_devices()[0].device_kind})")
+    train_data, train_count = prepare_split(load_split(config, "train", classes), "train", not config.no_augment)
+    val_data, val_count = prepare_split(load_split(config, "validation", classes), "validation", False)
+    stride = 1 if config.no_augment else augment.NUM_TRANSFORMS
+    return Prepared(train_data, val_data, train_count, val_count, stride, classes)

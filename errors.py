@@ -1,0 +1,63 @@
+"""The failures the project knows, and the one line and exit code each ends a process with.
+
+The lowest module: every other one may raise these, and the entry points hand their work to
+`exit_on_failure`, so a known failure never reaches the user as a traceback.
+"""
+import signal
+import sys
+from typing import Callable
+
+
+class UsageError(Exception):
+    """A flag value that cannot work; its message names the flag."""
+
+
+class DataError(Exception):
+    """A problem with the data that the user has to fix; its message says which."""
+
+
+class Diverged(Exception):
+    """The loss or the logits became NaN or infinite; the best params so far are kept."""
+
+
+class PeerError(Exception):
+    """Another process of a multi-host run cannot be reached."""
+
+
+class Interrupted(Exception):
+    """A stop signal ended the work; what is on disk resumes it (the message says what)."""
+
+    def __init__(self, signum: int, message: str):
+        self.exit_code = 128 + signum  # the shell's convention for "ended by this signal"
+        super().__init__(f"stopped by {signal.Signals(signum).name} {message}")
+
+    @classmethod
+    def during_run(cls, signum: int, outer: int, checkpointed: int, output_dir: str | None) -> "Interrupted":
+        if output_dir and checkpointed:
+            where = f"the checkpoint after outer loop {checkpointed} in {output_dir} resumes it (run the same command)"
+        else:
+            where = "no checkpoint to resume from" + ("" if output_dir else " (no --output-dir)")
+        return cls(signum, f"during outer loop {outer}; {where}")
+
+
+def fail(message: str, program: str = "train.py"):
+    print(f"{program}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def exit_on_failure(program: str, fn: Callable, *fn_args):
+    """fn(*fn_args); a failure the project knows ends the process with one line and its exit code:
+    2 bad flag or data, 3 diverged, 4 unreachable coordinator, 128 + signal when stopped by one."""
+    try:
+        return fn(*fn_args)
+    except (UsageError, DataError) as error:
+        fail(str(error), program)
+    except Diverged as error:
+        print(f"{program}: diverged: {error}", file=sys.stderr)
+        sys.exit(3)
+    except Interrupted as error:
+        print(f"{program}: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except PeerError as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        sys.exit(4)

@@ -1,0 +1,65 @@
+"""What a run reports: process 0's metrics.jsonl (one JSON line per measurement) and its console lines."""
+import json
+import os
+import time
+
+import jax
+
+
+class MetricsLog:
+    """Process 0's metrics.jsonl: a header line, then a line per outer loop, flushed at once so nothing
+    measured is lost. On resume the file is cut back to the checkpoint's outer loop (later lines are redone).
+    With path None (another process, no --output-dir, or a finished run) it writes nothing."""
+
+    def __init__(self, path: str | None, header: dict, resumed_after: int | None):
+        self.file = None
+        if path is None:
+            return
+        lines = [json.dumps(header)]
+        if resumed_after is not None and os.path.exists(path):
+            with open(path) as f:
+                earlier = [json.loads(line) for line in f if line.strip()]
+            lines = [json.dumps(r) for r in earlier if r.get("outer", 0) <= resumed_after and "summary" not in r]
+            # The resumed run's own config (e.g. more outer loops): readers take the last config line.
+            lines.append(json.dumps({"resumed_after_outer": resumed_after, "config": header["config"],
+                                     "devices": jax.device_count(), "processes": jax.process_count(),
+                                     "time": time.time()}))
+        with open(path + ".tmp", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(path + ".tmp", path)
+        self.file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        if self.file:
+            self.file.close()
+
+
+def complete_summary(path: str, summary: dict) -> None:
+    """Ends metrics.jsonl with `summary` when its last line is no summary, or one without a key `summary`
+    has (e.g. the test accuracy); a complete file is left exactly as it is."""
+    with open(path) as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    last = json.loads(lines[-1]) if lines else {}
+    if "summary" in last and set(summary) <= set(last["summary"]):
+        return
+    lines = lines[:-1] if "summary" in last else lines
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join([*lines, json.dumps({"summary": summary})]) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def outer_line(outer_steps: int, record: dict, best: dict, first: bool) -> str:
+    """One outer loop on the console."""
+    return (f"outer {record['outer']}/{outer_steps} step {record['step']}: loss {record['loss']:.4f} "
+            f"train acc {record['train_accuracy']:.4f} val acc {record['validation_accuracy']:.4f} "
+            f"(best {best['validation_accuracy']:.4f} @ outer {best['outer']}) | {record['inner_seconds']:.2f}s "
+            f"{record['images_per_second']:,.0f} img/s | elapsed {record['elapsed_seconds']:.1f}s"
+            + (" (includes compilation)" if first else ""))

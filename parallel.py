@@ -1,0 +1,114 @@
+"""Where a run's processes and devices are, and what fits on them: starting the processes of a multi-host
+run, the process-0 log, placing host arrays on the devices, and the choices that depend on the backend
+and its memory (conv formulation, microbatch size).
+"""
+import os
+import socket
+import time
+
+import jax
+import numpy as np
+
+from errors import PeerError
+
+AXIS = "devices"  # the pmap axis: every device of every host
+
+
+def log(message: str) -> None:
+    """Process 0 speaks for the run; the others stay quiet."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+_distributed_started = False
+
+
+def wait_for_coordinator(address: str, timeout: float) -> None:
+    """Raises PeerError unless the coordinator's port accepts a connection within `timeout` seconds
+    (jax itself would abort the process with a stack trace)."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            return
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise PeerError(f"cannot reach the coordinator (process 0) at {address} within "
+                                f"--distributed-timeout {timeout}s: {error}") from None
+            time.sleep(0.5)
+
+
+def init_distributed(config) -> None:
+    """Joins the other processes (once per process); an unreachable coordinator or a process that stops
+    answering ends every process with an error after --distributed-timeout seconds, never a silent hang."""
+    global _distributed_started
+    if _distributed_started:
+        return
+    timeouts = dict(initialization_timeout=config.distributed_timeout,
+                    heartbeat_timeout_seconds=config.distributed_timeout)
+    if config.coordinator_address:
+        if config.process_id != 0:  # process 0 runs the coordinator; the others first check they can reach it
+            wait_for_coordinator(config.coordinator_address, config.distributed_timeout)
+        print(f"process {config.process_id}: joining {config.num_processes} processes at "
+              f"{config.coordinator_address} (up to {config.distributed_timeout}s)", flush=True)
+        # On CPU clusters the collectives need gloo; the setting is ignored by other backends.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(config.coordinator_address, config.num_processes, config.process_id, **timeouts)
+    elif len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
+        jax.distributed.initialize(**timeouts)  # a Cloud TPU pod slice describes itself
+    _distributed_started = True
+
+
+def gather_counts(count: int) -> np.ndarray:
+    """Every process's local example count, in process order."""
+    if jax.process_count() == 1:
+        return np.array([count])
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(np.int64(count))).reshape(-1)
+
+
+def on_devices(*arrays):
+    """Shard the leading (device) axis of host arrays over this host's devices, as pmap expects."""
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
+    sharding = jax.NamedSharding(mesh, jax.P(AXIS))
+    return tuple(jax.device_put(a, sharding) for a in arrays)
+
+
+def device_memory_bytes() -> int:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host // jax.local_device_count()  # emulated CPU devices share the host's memory
+
+
+def activation_bytes_per_example(image_size: int, channels, dtype_bytes: int) -> int:
+    """What backprop keeps per example: conv outputs and GELU inputs/outputs of each layer, with margin."""
+    values, side = 3 * image_size ** 2, image_size
+    for width in channels:
+        side = -(-side // 2)
+        values += 3 * width * side * side
+    return 2 * values * dtype_bytes
+
+
+CPU_MICROBATCH = 32  # measured fastest on the CPU with patch convs (README, Speed): the chunk stays in cache
+
+
+def choose_conv(config) -> str:
+    """--conv, or by backend: patch matmuls on the CPU (1.7x nn.Conv there), nn.Conv elsewhere (faster on GPU)."""
+    if config.conv != "auto":
+        return config.conv
+    return "patches" if jax.default_backend() == "cpu" else "xla"
+
+
+def choose_microbatch(config, per_device: int, image_size: int) -> int:
+    """--microbatch; on the CPU with patch convs a cache-sized chunk; else the largest chunk whose
+    activations take a quarter of a device's memory."""
+    if config.microbatch:
+        return min(config.microbatch, per_device)
+    if jax.default_backend() == "cpu" and choose_conv(config) == "patches":
+        return min(CPU_MICROBATCH, per_device)
+    dtype_bytes = 2 if config.dtype == "bfloat16" else 4
+    fits = device_memory_bytes() // 4 // activation_bytes_per_example(image_size, config.channels, dtype_bytes)
+    return max(1, min(per_device, fits))
