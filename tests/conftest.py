@@ -1,11 +1,17 @@
 """Eight emulated CPU devices, set before anything imports jax."""
 import os
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["JAX_NUM_CPU_DEVICES"] = "8"  # jax's own setting: it wins over any device count in XLA_FLAGS
+# One persistent compilation cache for the session and the processes its tests start: most tests compile
+# the same small programs again, and a cache hit takes a tenth of a compile here (16 s -> 4.4 s for a run).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax-compilation-cache-"))
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 import xla_setup  # noqa: E402,F401
 
 SHARED_EUROSAT = os.path.join(ROOT, "..", "shared", "eurosat", "EuroSAT_RGB")
