@@ -10,6 +10,7 @@ pmapped steps; the original psum'd those means, which differs only by the device
 so that speed-ups are ratios from one run. Prints a table; `--json PATH` also writes the figures.
 """
 import argparse
+import dataclasses
 import functools
 import json
 import resource
@@ -47,6 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--inner-loop", choices=["compiled", "python", "both"], default="python")
     p.add_argument("--microbatch", type=int, default=0, help="per device; 0: as train.py chooses")
     p.add_argument("--compare", action="store_true", help="also time the straightforward reference step")
+    p.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
+                   help="time each of these step variants in this one process, e.g. base conv=space_to_depth "
+                        "conv=xla,remat_gelu=1 microbatch=4096 dtype=float32 (fields: conv, remat_gelu, "
+                        "microbatch, dtype; the flags above give the rest)")
     p.add_argument("--json", default=None, help="also write the figures here")
     return p.parse_args(argv)
 
@@ -144,6 +149,82 @@ def peak_memory():
             "memory_source": "process max RSS / devices (CPU)"}
 
 
+def copy_bandwidth(size_bytes):
+    """Measured bytes/s (read plus written) of an elementwise pass over a large array on the first device."""
+    x = jax.device_put(jnp.ones((size_bytes // 4,), jnp.float32), jax.devices()[0])
+    add_one = jax.jit(lambda v: v + 1)
+    add_one(x).block_until_ready()
+    return 2 * size_bytes / timed(lambda: add_one(x).block_until_ready(), 5)
+
+
+def bytes_per_image(channels, image_size, dtype_bytes):
+    """The fewest bytes one image's step moves when each layer is a kernel of its own, as PERFORMANCE.md
+    derives: forward, each conv reads its input and writes its pre-activation z and GELU output h;
+    backward, each layer reads the gradient of h, z and its input, and writes the gradient of its input
+    (the first conv reads the uint8 images and writes no input gradient). Fusing layers moves fewer."""
+    sizes, side = [], image_size
+    for width in channels:
+        side = -(-side // 2)
+        sizes.append(side * side * width)  # values of z (and of h) per image
+    images = 3 * image_size ** 2  # uint8
+    forward = images + dtype_bytes * (sum(sizes[:-1]) + sizes[-1] + 2 * sum(sizes))  # the pool reads the last h
+    backward = images + dtype_bytes * (2 * sum(sizes) + 2 * sum(sizes[:-1]))
+    return forward + backward
+
+
+VARIANT_FIELDS = {"conv": str, "remat_gelu": lambda v: v.lower() in ("1", "true", "yes"), "microbatch": int,
+                  "dtype": str}
+
+
+def parse_variant(text: str) -> dict:
+    """'conv=space_to_depth,microbatch=4096' -> the Config fields it overrides ('base': none)."""
+    if text == "base":
+        return {}
+    overrides = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in VARIANT_FIELDS or not value:
+            sys.exit(f"bench.py: error: variant {text!r}: {item!r} is not one of "
+                     f"{'/'.join(VARIANT_FIELDS)}=VALUE")
+        overrides[key] = VARIANT_FIELDS[key](value)
+    return overrides
+
+
+def logits_error(model, params, reference_logits, images):
+    """||logits - reference|| / ||reference|| on a fixed batch (the reference: nn.Conv in float32)."""
+    logits = model.apply({"params": params}, images)
+    return float(jnp.linalg.norm(logits - reference_logits) / jnp.linalg.norm(reference_logits))
+
+
+def time_variant(name, config, a, per_device, batch, check_images, reference_logits):
+    """Rows (one per inner-loop mode) for one variant: speed, and its logits' error against nn.Conv."""
+    model = ConvNet(config.channels, config.dense, 10, jnp.dtype(config.dtype), parallel.choose_conv(config),
+                    remat_gelu=config.remat_gelu)
+    optimiser = optimisers.make_optimiser(config.optimiser)
+    microbatch = parallel.choose_microbatch(config, per_device, a.image_size)
+    state = optimisers.with_hyperparams(optimisers.create_state(model, optimiser, 0, (a.image_size,) * 2 + (3,)),
+                                        config)
+    error = logits_error(model, state.params, reference_logits, check_images)
+    state = flax.jax_utils.replicate(state)
+    step_kwargs = dict(example_count=float(a.batch), microbatch=microbatch)
+    rows = []
+    for mode in ["python", "compiled"] if a.inner_loop == "both" else [a.inner_loop]:
+        if mode == "python":
+            step = jax.pmap(functools.partial(train.train_step, **step_kwargs), axis_name=parallel.AXIS,
+                            donate_argnums=0)
+            run_steps = python_loop(step, a.steps)
+        else:
+            run_steps = jax.pmap(functools.partial(train.inner_loop, steps=a.steps, **step_kwargs),
+                                 axis_name=parallel.AXIS, donate_argnums=0)
+        row = measure(f"{name}, {mode} loop", run_steps, jax.tree.map(jnp.copy, state), batch, a.batch, a.steps,
+                      a.repeats)
+        row.update(variant=name, conv=model.conv, dtype=config.dtype, remat_gelu=config.remat_gelu,
+                   microbatch=microbatch, logits_relative_error=error)
+        print(f"  {row['name']}: {row['images_per_second']:,.0f} img/s (logits rel. error {error:.1e})", flush=True)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None):
     a = parse_args(argv)
     if a.devices:
@@ -152,65 +233,70 @@ def main(argv=None):
     if a.batch % devices:
         sys.exit(f"bench.py: error: --batch {a.batch} does not divide over {devices} devices")
     per_device = a.batch // devices
-    config = Config(optimiser=a.optimiser, learning_rate=1e-3, channels=tuple(int(c) for c in a.channels.split(",")),
-                    dense=a.dense, dtype=a.dtype, conv=a.conv, microbatch=a.microbatch, image_size=a.image_size,
-                    dataset="synthetic")
-    check(config)
-    channels, conv = config.channels, parallel.choose_conv(config)
-    model = ConvNet(channels, a.dense, 10, jnp.dtype(a.dtype), conv)
-    optimiser = optimisers.make_optimiser(a.optimiser)
-    microbatch = parallel.choose_microbatch(config, per_device, a.image_size)
+    base = Config(optimiser=a.optimiser, learning_rate=1e-3, channels=tuple(int(c) for c in a.channels.split(",")),
+                  dense=a.dense, dtype=a.dtype, conv=a.conv, microbatch=a.microbatch, image_size=a.image_size,
+                  dataset="synthetic")
+    check(base)
+    variants = {text if a.variants else "project": dataclasses.replace(base, **parse_variant(text))
+                for text in a.variants or ["base"]}
+    for config in variants.values():
+        check(config)
     kind = jax.devices()[0].device_kind
-    peak_size = 4096 if jax.default_backend() == "cpu" else 16384
-    peaks = {dtype: matmul_peak(dtype, peak_size) for dtype in ("float32", "bfloat16")}
-    flops = flops_per_image(channels, a.dense, a.image_size)
+    on_cpu = jax.default_backend() == "cpu"
+    peaks = {dtype: matmul_peak(dtype, 4096 if on_cpu else 16384) for dtype in ("float32", "bfloat16")}
+    bandwidth = copy_bandwidth(2 ** 28 if on_cpu else 2 ** 31)
+    flops = flops_per_image(base.channels, a.dense, a.image_size)
     print(f"jax {jax.__version__} {jax.default_backend()} ({kind}), {devices} devices; batch {a.batch} "
-          f"({per_device} per device, microbatch {microbatch}), {a.dtype}, {conv} convs, {a.optimiser}; "
-          f"{flops / 1e6:.1f} MFLOP per image; matmul peak f32 {peaks['float32'] / 1e9:,.0f} GFLOP/s, "
-          f"bf16 {peaks['bfloat16'] / 1e9:,.0f} GFLOP/s (measured, one device)", flush=True)
+          f"({per_device} per device), {a.optimiser}; {flops / 1e6:.1f} MFLOP per image; matmul peak f32 "
+          f"{peaks['float32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:,.0f} GFLOP/s; copy "
+          f"{bandwidth / 1e9:,.0f} GB/s (measured, one device)", flush=True)
 
-    state = optimisers.with_hyperparams(optimisers.create_state(model, optimiser, 0, (a.image_size,) * 2 + (3,)),
-                                        config)
-    state = flax.jax_utils.replicate(state)
+    # The same 64 images through every variant, against nn.Conv in float32 with the same params.
+    check_images = jnp.asarray(np.random.default_rng(1).integers(0, 256, (64, a.image_size, a.image_size, 3)),
+                               jnp.uint8)
+    reference = ConvNet(base.channels, a.dense, 10, jnp.float32, "xla")
+    reference_params = optimisers.create_state(reference, optimisers.make_optimiser(a.optimiser), 0,
+                                               (a.image_size,) * 2 + (3,)).params
+    reference_logits = reference.apply({"params": reference_params}, check_images)
     batch = random_batch(per_device, a.image_size)
-    step_kwargs = dict(example_count=float(a.batch), microbatch=microbatch)
     rows = []
-    modes = ["python", "compiled"] if a.inner_loop == "both" else [a.inner_loop]
-    for mode in modes:
-        if mode == "python":
-            step = jax.pmap(functools.partial(train.train_step, **step_kwargs), axis_name=parallel.AXIS,
-                            donate_argnums=0)
-            run_steps = python_loop(step, a.steps)
-        else:
-            run_steps = jax.pmap(functools.partial(train.inner_loop, steps=a.steps, **step_kwargs),
-                                 axis_name=parallel.AXIS, donate_argnums=0)
-        state_copy = jax.tree.map(jnp.copy, state)
-        rows.append(measure(f"project, {mode} loop", run_steps, state_copy, batch, a.batch, a.steps, a.repeats))
-        print(f"  {rows[-1]['name']}: {rows[-1]['images_per_second']:,.0f} img/s", flush=True)
+    for name, config in variants.items():
+        try:
+            rows += time_variant(name, config, a, per_device, batch, check_images, reference_logits)
+        except Exception as error:  # one variant that does not compile or fit must not cost the others
+            print(f"  {name}: failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
+            rows.append({"name": name, "variant": name, "error": f"{type(error).__name__}: {str(error)[:1000]}"})
     if a.compare:
         del batch
-        reference_model = ConvNet(channels, a.dense, 10, jnp.float32)
         reference_state = flax.jax_utils.replicate(optimisers.with_hyperparams(
-            optimisers.create_state(reference_model, optimiser, 0, (a.image_size,) * 2 + (3,)), config))
+            optimisers.create_state(reference, optimisers.make_optimiser(a.optimiser), 0,
+                                    (a.image_size,) * 2 + (3,)), base))
         images, labels, _ = random_batch(per_device, a.image_size, float_images=True)
         step = jax.pmap(reference_step, axis_name=parallel.AXIS, donate_argnums=0)
         rows.append(measure("reference (float32 images, python loop)", python_loop(step, a.steps),
                             reference_state, (images, labels), a.batch, a.steps, a.repeats))
-    peak = peaks["bfloat16" if a.dtype == "bfloat16" else "float32"]
+        rows[-1].update(dtype="float32")
     baseline = rows[-1]["images_per_second"] if a.compare else None
-    print(f"{'step':42s} {'img/s':>12s} {'step s':>9s} {'1st call s':>10s} {'GFLOP/s':>9s} {'of peak':>8s}"
-          + ("  speed-up" if baseline else ""))
+    print(f"{'step':52s} {'img/s':>12s} {'step s':>9s} {'1st call s':>10s} {'GFLOP/s':>9s} {'of peak':>8s} "
+          f"{'of bytes':>8s}" + ("  speed-up" if baseline else ""))
     for row in rows:
+        if "error" in row:
+            print(f"{row['name']:52s} failed")
+            continue
+        dtype_bytes = 2 if row["dtype"] == "bfloat16" else 4
         row["flops_per_second"] = row["images_per_second"] * flops
-        row["share_of_peak"] = row["flops_per_second"] / peak
-        print(f"{row['name']:42s} {row['images_per_second']:12,.0f} {row['step_seconds']:9.3f} "
-              f"{row['first_call_seconds']:10.1f} {row['flops_per_second'] / 1e9:9,.1f} {row['share_of_peak']:8.1%}"
-              + (f"  {row['images_per_second'] / baseline:7.2f}x" if baseline else ""))
+        row["share_of_peak"] = row["flops_per_second"] / peaks[row["dtype"]]
+        row["bytes_per_image"] = bytes_per_image(base.channels, a.image_size, dtype_bytes)
+        row["share_of_byte_bound"] = row["images_per_second"] * row["bytes_per_image"] / bandwidth
+        print(f"{row['name']:52s} {row['images_per_second']:12,.0f} {row['step_seconds']:9.3f} "
+              f"{row['first_call_seconds']:10.1f} {row['flops_per_second'] / 1e9:9,.1f} {row['share_of_peak']:8.1%} "
+              f"{row['share_of_byte_bound']:8.1%}" + (f"  {row['images_per_second'] / baseline:7.2f}x"
+                                                       if baseline else ""))
     memory = peak_memory()
     print(f"peak memory per device: {memory['peak_device_bytes'] / 2 ** 30:.2f} GiB ({memory['memory_source']})")
     result = {"config": vars(a), "backend": jax.default_backend(), "device_kind": kind, "devices": devices,
-              "microbatch": microbatch, "flops_per_image": flops, "matmul_peak_flops": peaks, "rows": rows,
-              **memory}
+              "microbatch": rows[0].get("microbatch"), "flops_per_image": flops, "matmul_peak_flops": peaks,
+              "copy_bandwidth_bytes_per_second": bandwidth, "rows": rows, **memory}
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -9,24 +9,28 @@ import math
 import os
 
 from errors import UsageError, fail
-from model import DEFAULT_CHANNELS, DEFAULT_DENSE
+from model import CONVS as CONV_FORMULATIONS
+from model import DEFAULT_CHANNELS, DEFAULT_DENSE, INITIALISERS
 
 OPTIMISERS = ("lamb", "adam", "sgd")
 DEFAULT_LEARNING_RATES = {"lamb": 1e-2, "adam": 1e-3, "sgd": 1e-1}
+# optax's own defaults; epsilon is LAMB's and Adam's only (SGD has none).
+DEFAULT_EPSILONS = {"lamb": 1e-6, "adam": 1e-8, "sgd": None}
 SCHEDULES = ("constant", "warmup_cosine", "warmup_linear")
 DATASETS = ("tfds", "folder", "synthetic")
 DTYPES = ("float32", "bfloat16")
-CONVS = ("auto", "xla", "patches")
+CONVS = ("auto", *CONV_FORMULATIONS)
 INNER_LOOPS = ("auto", "compiled", "python")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Every flag of train.py, with its default. learning_rate None means the optimiser's default."""
+    """Every flag of train.py, with its default. learning_rate and epsilon None mean the optimiser's default."""
     optimiser: str = "lamb"
     learning_rate: float | None = None
     weight_decay: float = 0.0
     momentum: float = 0.9
+    epsilon: float | None = None
     schedule: str = "constant"
     warmup_steps: int = 0
     inner_steps: int = 100
@@ -42,8 +46,10 @@ class Config:
     no_augment: bool = False
     channels: tuple[int, ...] = DEFAULT_CHANNELS
     dense: int = DEFAULT_DENSE
+    initialiser: str = "flax"
     dtype: str = "float32"
     conv: str = "auto"
+    remat_gelu: bool = False
     microbatch: int = 0
     target_accuracy: float = 0.95
     stop_at_target: bool = False
@@ -59,17 +65,19 @@ class Config:
     def __post_init__(self):
         if self.learning_rate is None:
             object.__setattr__(self, "learning_rate", DEFAULT_LEARNING_RATES.get(self.optimiser))
+        if self.epsilon is None or self.optimiser == "sgd":
+            object.__setattr__(self, "epsilon", DEFAULT_EPSILONS.get(self.optimiser))
         object.__setattr__(self, "channels", tuple(self.channels))
 
 
 # What a run computes: a checkpoint resumes only under a config equal in these (checkpoint.run_definition),
 # with two refinements there: outer_steps counts only when the schedule's shape depends on the run's
 # length, and a data folder counts by its contents, not by its path.
-RUN_DEFINITION = ("optimiser", "learning_rate", "weight_decay", "momentum", "schedule", "warmup_steps",
+RUN_DEFINITION = ("optimiser", "learning_rate", "weight_decay", "momentum", "epsilon", "schedule", "warmup_steps",
                   "inner_steps", "outer_steps", "seed", "dataset", "data_dir", "synthetic_examples", "image_size",
-                  "train_examples", "no_augment", "channels", "dense", "dtype")
+                  "train_examples", "no_augment", "channels", "dense", "initialiser", "dtype")
 # How it is computed, reported or kept: free to change on resume (other devices, hosts, conv formulation...).
-HOW_COMPUTED = ("inner_loop", "manual_dir", "conv", "microbatch", "target_accuracy", "stop_at_target",
+HOW_COMPUTED = ("inner_loop", "manual_dir", "conv", "remat_gelu", "microbatch", "target_accuracy", "stop_at_target",
                 "output_dir", "resume", "keep_checkpoints", "eval_test", "coordinator_address", "num_processes",
                 "process_id", "distributed_timeout")
 
@@ -86,6 +94,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     add("--weight-decay", type=float, default=default.weight_decay,
         help="decoupled weight decay (lamb; adam becomes adamw)")
     add("--momentum", type=float, default=default.momentum, help="sgd momentum")
+    add("--epsilon", type=float, default=None,
+        help=f"lamb's and adam's epsilon (added to the root of the second moment); default per optimiser "
+             f"{DEFAULT_EPSILONS} (optax's). The original's psum of per-device mean gradients on 32 devices made "
+             "its effective epsilon 1e-6/32 = 3.125e-8 (RESULTS.md)")
     add("--schedule", choices=SCHEDULES, default=default.schedule,
         help="learning-rate shape: constant, or linear warmup then cosine or linear decay to 0 at the last step")
     add("--warmup-steps", type=int, default=default.warmup_steps, help="warmup steps of the warmup_* schedules")
@@ -107,10 +119,16 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     add("--no-augment", action="store_true", help="train on the images as they are, without the 8 dihedral forms")
     add("--channels", default=",".join(map(str, default.channels)), help="conv widths, comma separated")
     add("--dense", type=int, default=default.dense, help="hidden dense width")
+    add("--initialiser", choices=INITIALISERS, default=default.initialiser,
+        help="flax: lecun_normal (truncated normal corrected to std 1/sqrt(fan_in)); haiku: what the original's "
+             "haiku drew in 2021 (truncated at 2 std, std 1/sqrt(fan_in) before truncation)")
     add("--dtype", choices=DTYPES, default=default.dtype, help="compute dtype (params stay float32)")
     add("--conv", choices=CONVS, default=default.conv,
-        help="how the stride-2 convs are computed: xla (nn.Conv) or patches (the same function as one matmul); "
-             "auto: patches on CPU, xla elsewhere (measured, see README)")
+        help="how the stride-2 convs are computed, all the same function: xla (nn.Conv), patches (one matmul "
+             "over the 9 taps), stem_patches (the first conv as patches, the rest nn.Conv), space_to_depth (a 2x2 "
+             "conv on the 2x2-blocked input); auto: patches on CPU, xla elsewhere (measured, see README)")
+    add("--remat-gelu", action="store_true",
+        help="recompute each GELU in the backward pass instead of keeping its output (less memory traffic)")
     add("--microbatch", type=int, default=default.microbatch,
         help="examples per device per gradient chunk (accumulated inside the step); 0: chosen from device memory")
     add("--target-accuracy", type=float, default=default.target_accuracy,
@@ -159,6 +177,8 @@ def check(config: Config) -> None:
         raise UsageError(f"--channels must all be positive, got {c.channels}")
     if c.weight_decay < 0:
         raise UsageError(f"--weight-decay must be >= 0, got {c.weight_decay}")
+    if c.epsilon is not None and not (c.epsilon > 0 and math.isfinite(c.epsilon)):
+        raise UsageError(f"--epsilon must be positive, got {c.epsilon}")
     if not 0 <= c.momentum < 1:
         raise UsageError(f"--momentum must be in [0, 1), got {c.momentum}")
     if not 0 <= c.warmup_steps < c.inner_steps * c.outer_steps:

@@ -56,6 +56,15 @@ def complete_summary(path: str, summary: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
+def model_line(config, params: int, conv: str, inner_mode: str, microbatch: int, per_device: int) -> str:
+    """What a run computes and how, on the console before its first step."""
+    optimiser = f"{config.optimiser} lr {config.learning_rate:g}" + (
+        f" eps {config.epsilon:g}" if config.epsilon else "")
+    return (f"model: {params:,} params ({config.initialiser} init), {config.dtype}; {optimiser} ({config.schedule}); "
+            f"{conv} convs{', GELUs recomputed' if config.remat_gelu else ''}; inner loop {inner_mode}; "
+            f"microbatch {microbatch} of {per_device} per device")
+
+
 def outer_line(outer_steps: int, record: dict, best: dict, first: bool) -> str:
     """One outer loop on the console."""
     return (f"outer {record['outer']}/{outer_steps} step {record['step']}: loss {record['loss']:.4f} "

@@ -20,10 +20,10 @@ def make_optimiser(name: str, schedule: str = "constant", warmup_steps: int = 0,
     """optax lamb / adamw / sgd+momentum with every rate and coefficient in the optimiser state.
 
     Holding them as state (inject_hyperparams), not constants, lets one compiled step serve every
-    learning rate, weight decay and momentum of a sweep. Set them with `with_hyperparams`.
+    learning rate, weight decay, epsilon and momentum of a sweep. Set them with `with_hyperparams`.
     """
     factory = {"lamb": optax.lamb, "adam": optax.adamw, "sgd": optax.sgd}[name]
-    coefficient = {"sgd": {"momentum": 0.0}}.get(name, {"weight_decay": 0.0})
+    coefficient = {"sgd": {"momentum": 0.0}}.get(name, {"weight_decay": 0.0, "eps": 1.0})
     base = optax.inject_hyperparams(factory)(learning_rate=0.0, **coefficient)
     return optax.chain(base, optax.scale_by_schedule(schedule_shape(schedule, warmup_steps, total_steps)))
 
@@ -32,7 +32,7 @@ def with_hyperparams(state: TrainState, config) -> TrainState:
     """Sets the run's peak rate and its optimiser's coefficient in the (unreplicated) optimiser state."""
     injected = state.opt_state[0]
     values = {"learning_rate": config.learning_rate, "weight_decay": config.weight_decay,
-              "momentum": config.momentum}
+              "momentum": config.momentum, "eps": config.epsilon}
     hyperparams = {k: jnp.asarray(values[k], v.dtype) if k in values else v for k, v in injected.hyperparams.items()}
     return state.replace(opt_state=(injected._replace(hyperparams=hyperparams), *state.opt_state[1:]))
 

@@ -26,7 +26,7 @@ import checkpoint
 from config import parse as parse_config
 from device_data import Prepared, load_split, prepare, prepare_split
 from errors import Diverged, Interrupted, exit_on_failure
-from metrics import MetricsLog, complete_summary, outer_line
+from metrics import MetricsLog, complete_summary, model_line, outer_line
 from model import ConvNet, param_count
 from optimisers import create_state, make_optimiser, with_hyperparams
 from parallel import AXIS, choose_conv, choose_microbatch, init_distributed, log
@@ -110,7 +110,7 @@ class Programs(NamedTuple):
 # Everything build_programs reads: runs equal in these (they may differ in rate, decay, momentum, seed...)
 # share one compiled program in a sweep.
 PROGRAM_FIELDS = ("optimiser", "schedule", "warmup_steps", "inner_steps", "outer_steps", "channels", "dense",
-                  "dtype", "conv", "microbatch", "inner_loop")
+                  "initialiser", "dtype", "conv", "remat_gelu", "microbatch", "inner_loop")
 
 
 def program_key(config) -> tuple:
@@ -122,7 +122,7 @@ def build_programs(config, prepared: Prepared) -> Programs:
         "python" if jax.default_backend() == "cpu" else "compiled")
     image_shape = prepared.train_data[0].shape[2:]  # (H, W, C)
     model = ConvNet(config.channels, config.dense, prepared.num_classes, jnp.dtype(config.dtype),
-                    choose_conv(config))
+                    choose_conv(config), config.initialiser, config.remat_gelu)
     optimiser = make_optimiser(config.optimiser, config.schedule, config.warmup_steps,
                                config.inner_steps * config.outer_steps)
     microbatch = choose_microbatch(config, prepared.train_data[0].shape[1], image_shape[0])
@@ -218,9 +218,8 @@ def start(config, prepared: Prepared, programs: Programs, checkpoints, resumed: 
     """(replicated state, best params, progress) fresh or from the checkpoint, and the metrics log to match."""
     state = create_state(programs.model, programs.optimiser, config.seed, programs.image_shape)
     state = with_hyperparams(state, config)
-    log(f"model: {param_count(state.params):,} params, {config.dtype}; {config.optimiser} lr "
-        f"{config.learning_rate:g} ({config.schedule}); {programs.model.conv} convs; inner loop "
-        f"{programs.inner_mode}; microbatch {programs.microbatch} of {prepared.train_data[0].shape[1]} per device")
+    log(model_line(config, param_count(state.params), programs.model.conv, programs.inner_mode, programs.microbatch,
+                   prepared.train_data[0].shape[1]))
     if resumed:
         state, best_params, progress = checkpoint.restore(checkpoints, state, state.params)
         log(f"resuming after outer loop {progress['outer']} from {checkpoints.directory}")

@@ -20,3 +20,24 @@ def test_bench_times_the_step_and_the_reference_and_writes_its_figures(tmp_path)
     # 2 FLOPs per multiply-add, 3x the forward pass less the first conv's input gradient
     first, second, dense = 2 * 8 * 8 * 9 * 3 * 4, 2 * 4 * 4 * 9 * 4 * 8, 2 * (8 * 8 + 8 * 10)
     assert figures["flops_per_image"] == 3 * (first + second + dense) - first
+
+
+def test_bench_times_a_list_of_variants_in_one_process_and_checks_each_against_nn_conv(tmp_path):
+    out = tmp_path / "variants.json"
+    subprocess.run([sys.executable, "bench.py", "--batch", "16", "--devices", "2", "--channels", "4,8", "--dense", "8",
+                    "--image-size", "16", "--steps", "1", "--repeats", "1", "--inner-loop", "compiled",
+                    "--variants", "base", "conv=space_to_depth,remat_gelu=1", "dtype=bfloat16", "--json", str(out)],
+                   cwd=ROOT, env=device_env(), check=True, capture_output=True, timeout=300)
+    figures = json.loads(out.read_text())
+    assert [r["name"] for r in figures["rows"]] == [
+        "base, compiled loop", "conv=space_to_depth,remat_gelu=1, compiled loop", "dtype=bfloat16, compiled loop"]
+    base, s2d, half = figures["rows"]
+    assert base["conv"] == "patches" and s2d["conv"] == "space_to_depth" and s2d["remat_gelu"] is True
+    assert base["logits_relative_error"] < 1e-6 and s2d["logits_relative_error"] < 1e-6  # the same function
+    assert 1e-4 < half["logits_relative_error"] < 3e-2  # bf16's rounding, no more
+    assert figures["copy_bandwidth_bytes_per_second"] > 0 and all(0 < r["share_of_byte_bound"] for r in figures["rows"])
+    # Per image, forward: the uint8 images, each conv's input, z and h written, the pool's read of the last h;
+    # backward: the images, the gradient of h and z read, each conv's input read and its gradient written.
+    forward, backward = 768 + 4 * (256 + 128 + 2 * 384), 768 + 4 * (2 * 384 + 2 * 256)
+    assert base["bytes_per_image"] == forward + backward and half["bytes_per_image"] == 768 * 2 + 2 * (
+        256 + 128 + 2 * 384 + 2 * 384 + 2 * 256)

@@ -213,12 +213,16 @@ def test_schedules_scale_the_peak_rate_by_their_shape(schedule):
 
 
 def test_hyperparameters_live_in_the_optimiser_state_and_match_plain_optax():
-    """An injected rate gives the same update as optax's own optimiser built with that rate."""
+    """An injected rate (and epsilon) gives the same update as optax's own optimiser built with it."""
     split, model, params = small_problem(16)
     grads = reference_loss_grads_correct(model, params, split)[1]
-    for name, plain in [("lamb", optax.lamb(0.01, weight_decay=0.1)), ("adam", optax.adamw(0.01, weight_decay=0.1)),
-                        ("sgd", optax.sgd(0.01, momentum=0.5))]:
-        rates = config.Config(optimiser=name, learning_rate=0.01, weight_decay=0.1, momentum=0.5)
+    results = {}
+    for name, epsilon, plain in [("lamb", None, optax.lamb(0.01, weight_decay=0.1)),
+                                 ("lamb", 1e-3, optax.lamb(0.01, eps=1e-3, weight_decay=0.1)),
+                                 ("adam", None, optax.adamw(0.01, weight_decay=0.1)),
+                                 ("adam", 1e-3, optax.adamw(0.01, eps=1e-3, weight_decay=0.1)),
+                                 ("sgd", None, optax.sgd(0.01, momentum=0.5))]:
+        rates = config.Config(optimiser=name, learning_rate=0.01, weight_decay=0.1, momentum=0.5, epsilon=epsilon)
         state = optimisers.create_state(model, optimisers.make_optimiser(name), 0, (8, 8, 3))
         state = optimisers.with_hyperparams(state, rates)
         state = state.replace(params=params)
@@ -229,3 +233,7 @@ def test_hyperparameters_live_in_the_optimiser_state_and_match_plain_optax():
             updates, opt_state = plain.update(grads, opt_state, expected)
             expected = optax.apply_updates(expected, updates)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, expected)
+        results[name, epsilon] = state.params
+    for name in ("lamb", "adam"):  # the epsilon matters at this scale, so the check above could see it ignored
+        differences = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), results[name, None], results[name, 1e-3])
+        assert max(jax.tree.leaves(differences)) > 1e-4
