@@ -181,6 +181,12 @@ def tfds_slice(name, total, process_index, process_count, train_examples=None) -
     return f"train[{first}:{last}]" if last > first else None
 
 
+def tfds_total(data_dir) -> int:
+    """Examples in EuroSAT's one `train` split, from the TFDS metadata."""
+    import tensorflow_datasets as tfds
+    return tfds.builder("eurosat/rgb", data_dir=data_dir).info.splits["train"].num_examples
+
+
 def load_tfds(name, data_dir, manual_dir, process_index, process_count, train_examples=None):
     import tensorflow_datasets as tfds
     builder = tfds.builder("eurosat/rgb", data_dir=data_dir)
@@ -192,8 +198,7 @@ def load_tfds(name, data_dir, manual_dir, process_index, process_count, train_ex
     except Exception as error:  # TFDS surfaces network, checksum and file errors with many types
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(f"EuroSAT is not available through TFDS ({reason[:200]}); {HOW_TO_GET_EUROSAT}") from None
-    split = tfds_slice(name, builder.info.splits["train"].num_examples, process_index, process_count,
-                       train_examples)
+    split = tfds_slice(name, tfds_total(data_dir), process_index, process_count, train_examples)
     if split is None:
         return empty_split(builder.info.features["image"].shape)
     images, labels = [], []
@@ -211,6 +216,19 @@ def load_split(config, name: str, process_index: int = 0, process_count: int = 1
     if config.dataset == "folder":
         return load_folder(config.data_dir, name, process_index, process_count, config.train_examples)
     return load_tfds(name, config.data_dir, config.manual_dir, process_index, process_count, config.train_examples)
+
+
+def split_ids(config, name: str) -> list[str]:
+    """What names each example of a whole split, in the split's order (every process's slice in turn):
+    the folder source's class/file name, or the example's index in EuroSAT's (or the synthetic) set."""
+    if config.dataset == "folder":
+        _, paths, _ = list_folder(config.data_dir)
+        order = np.random.default_rng(FOLDER_SPLIT_SEED).permutation(len(paths))
+        start, stop = limit_train(split_bounds(len(paths), name), name, config.train_examples)
+        return [os.path.relpath(paths[i], config.data_dir) for i in order[start:stop]]
+    total = config.synthetic_examples if config.dataset == "synthetic" else tfds_total(config.data_dir)
+    start, stop = limit_train(split_bounds(total, name), name, config.train_examples)
+    return [f"{config.dataset}/{i}" for i in range(start, stop)]
 
 
 def num_classes(config) -> int:

@@ -19,6 +19,7 @@ class Prepared(NamedTuple):
     val_count: int
     stride: int  # 8 when train_data holds the dihedral forms, else 1
     num_classes: int
+    val_local_count: int  # this process's validation examples (the first of its devices' slots)
 
 
 def load_split(config, name: str, classes: int) -> data.Split:
@@ -52,6 +53,7 @@ def prepare(config) -> Prepared:
     log(f"jax {jax.__version__} {jax.default_backend()}: {jax.process_count()} process(es), "
         f"{jax.device_count()} devices ({jax.local_device_count()} local: {jax.local_devices()[0].device_kind})")
     train_data, train_count = prepare_split(load_split(config, "train", classes), "train", not config.no_augment)
-    val_data, val_count = prepare_split(load_split(config, "validation", classes), "validation", False)
+    validation = load_split(config, "validation", classes)
+    val_data, val_count = prepare_split(validation, "validation", False)
     stride = 1 if config.no_augment else augment.NUM_TRANSFORMS
-    return Prepared(train_data, val_data, train_count, val_count, stride, classes)
+    return Prepared(train_data, val_data, train_count, val_count, stride, classes, len(validation.labels))

@@ -68,6 +68,21 @@ def gather_counts(count: int) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(np.int64(count))).reshape(-1)
 
 
+def in_split_order(per_device, local_count: int) -> np.ndarray:
+    """A per-example value held on the devices (local devices, per_device) as one host vector over the
+    whole split in its order: each process holds a contiguous slice, its real examples first (padding
+    comes last), and the processes' slices follow each other."""
+    local = np.asarray(jax.device_get(per_device)).reshape(-1)[:local_count]  # (local_count,)
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+    counts = gather_counts(local_count)
+    padded = np.zeros(int(counts.max()), local.dtype)
+    padded[:local_count] = local
+    everyone = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(counts), -1)  # (processes, max)
+    return np.concatenate([row[:count] for row, count in zip(everyone, counts)])
+
+
 def on_devices(*arrays):
     """Shard the leading (device) axis of host arrays over this host's devices, as pmap expects."""
     mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))

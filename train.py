@@ -23,13 +23,14 @@ import optax
 from jax import lax
 
 import checkpoint
+import data
 from config import parse as parse_config
 from device_data import Prepared, load_split, prepare, prepare_split
 from errors import Diverged, Interrupted, exit_on_failure
-from metrics import MetricsLog, complete_summary, model_line, outer_line
+from metrics import MetricsLog, complete_summary, model_line, outer_line, pack_bits
 from model import ConvNet, param_count
 from optimisers import create_state, make_optimiser, with_hyperparams
-from parallel import AXIS, choose_conv, choose_microbatch, init_distributed, log
+from parallel import AXIS, choose_conv, choose_microbatch, in_split_order, init_distributed, log
 from stopping import StopSignals
 
 
@@ -51,6 +52,19 @@ def summed_over_chunks(fn, arrays, chunk):
     if full < n:
         total = jax.tree.map(jnp.add, total, fn(*[a[full:] for a in arrays]))
     return total
+
+
+def mapped_over_chunks(fn, arrays, chunk):
+    """fn(*arrays) for a fn that maps each example to its own outputs, computed `chunk` examples at a time."""
+    n = arrays[0].shape[0]
+    if not chunk or chunk >= n:
+        return fn(*arrays)
+    count, full = n // chunk, n // chunk * chunk
+    heads = [a[:full].reshape(count, chunk, *a.shape[1:]) for a in arrays]  # (count, chunk, ...)
+    outputs = jax.tree.map(lambda o: o.reshape(full, *o.shape[2:]), lax.map(lambda xs: fn(*xs), heads))
+    if full < n:
+        outputs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outputs, fn(*[a[full:] for a in arrays]))
+    return outputs
 
 
 def loss_sum(params, apply_fn, images, labels, mask):
@@ -83,15 +97,16 @@ def inner_loop(state, images, labels, mask, *, steps, **step_kwargs):
     return lax.fori_loop(0, steps, body, (state, jnp.zeros((), jnp.float32)))
 
 
-def evaluation_counts(params, images, labels, mask, stride, *, apply_fn, chunk):
-    """(correctly classified, with a non-finite logit) real examples over all devices; `stride` 8 picks the
-    un-augmented images. The second count catches params that the last update blew up, which the loss
-    (computed before that update) cannot show."""
-    def count(x, y, m):
+def evaluation(params, images, labels, mask, stride, *, apply_fn, chunk):
+    """Whether each of this device's real examples is classified correctly, and over all devices the counts
+    (correct, with a non-finite logit); `stride` 8 picks the un-augmented images. The second count catches
+    params that the last update blew up, which the loss (computed before that update) cannot show."""
+    def per_example(x, y, m):
         logits = apply_fn({"params": params}, x)  # (n, classes)
-        predictions = jnp.argmax(logits, axis=-1)  # (n,)
-        return jnp.sum((predictions == y) * m), jnp.sum(~jnp.all(jnp.isfinite(logits), axis=-1) * m)
-    return lax.psum(summed_over_chunks(count, (images[::stride], labels[::stride], mask[::stride]), chunk), AXIS)
+        real = m > 0
+        return (jnp.argmax(logits, axis=-1) == y) & real, ~jnp.all(jnp.isfinite(logits), axis=-1) & real
+    correct, broken = mapped_over_chunks(per_example, (images[::stride], labels[::stride], mask[::stride]), chunk)
+    return correct, lax.psum(jnp.stack([correct.sum(), broken.sum()]), AXIS)  # (n,), (2,)
 
 
 # ----------------------------------------------------------------------------- the compiled programs
@@ -101,7 +116,8 @@ class Programs(NamedTuple):
     model: ConvNet
     optimiser: optax.GradientTransformation
     inner: Callable  # (state, images, labels, mask, stop=) -> (state, loss), or None when a stop came midway
-    evaluate: Callable  # (params, images, labels, mask, stride) -> (correct, non-finite) counts, per device
+    evaluate: Callable  # (params, images, labels, mask, stride) -> per device: correct per example, (correct,
+    # non-finite) counts over all devices
     inner_mode: str  # "compiled" or "python"
     microbatch: int
     image_shape: tuple  # (H, W, C)
@@ -136,7 +152,7 @@ def build_programs(config, prepared: Prepared) -> Programs:
     else:
         step = jax.pmap(functools.partial(step_agreeing_to_stop, **step_kwargs), axis_name=AXIS, donate_argnums=0)
         inner = functools.partial(python_inner_loop, step, config.inner_steps)
-    evaluate = jax.pmap(functools.partial(evaluation_counts, apply_fn=model.apply, chunk=microbatch),
+    evaluate = jax.pmap(functools.partial(evaluation, apply_fn=model.apply, chunk=microbatch),
                         axis_name=AXIS, static_broadcasted_argnums=4)
     return Programs(model, optimiser, inner, evaluate, inner_mode, microbatch, image_shape)
 
@@ -230,7 +246,8 @@ def start(config, prepared: Prepared, programs: Programs, checkpoints, resumed: 
               "microbatch": programs.microbatch, "devices": jax.device_count(), "processes": jax.process_count(),
               "backend": jax.default_backend(), "train_examples": prepared.train_count,
               "validation_examples": prepared.val_count, "examples_per_step": prepared.train_count * prepared.stride,
-              "jax": jax.__version__, "run": progress["run"]}
+              "jax": jax.__version__, "device_kind": jax.devices()[0].device_kind, "run": progress["run"],
+              "validation_ids": data.split_ids(config, "validation")}
     is_main = jax.process_index() == 0
     if is_main and config.output_dir:
         os.makedirs(config.output_dir, exist_ok=True)
@@ -281,9 +298,9 @@ def evaluate(config, prepared: Prepared, programs: Programs, state, loss: float,
     logits are no longer finite (recorded as such, and never kept as the best)."""
     inner_seconds = time.perf_counter() - tick  # the loss above waited for the inner loop
     outer = progress["outer"] + 1
-    val_correct, val_broken = (int(c[0]) for c in programs.evaluate(state.params, *prepared.val_data, 1))
-    train_correct, train_broken = (int(c[0]) for c in programs.evaluate(state.params, *prepared.train_data,
-                                                                          prepared.stride))
+    val_each, val_counts = programs.evaluate(state.params, *prepared.val_data, 1)
+    val_correct, val_broken = map(int, val_counts[0])
+    train_correct, train_broken = map(int, programs.evaluate(state.params, *prepared.train_data, prepared.stride)[1][0])
     if not math.isfinite(loss) or val_broken or train_broken:
         metrics.write({"outer": outer, "diverged": True, "loss": str(loss)})
         best = progress["best"]
@@ -296,7 +313,9 @@ def evaluate(config, prepared: Prepared, programs: Programs, state, loss: float,
             "train_accuracy": train_correct / prepared.train_count,
             "validation_accuracy": val_correct / prepared.val_count, "inner_seconds": inner_seconds,
             "images_per_second": step_examples * config.inner_steps / inner_seconds,
-            "train_seconds": progress["train_seconds"] + inner_seconds}
+            "train_seconds": progress["train_seconds"] + inner_seconds,
+            # Which validation images (in the split's order, the header's validation_ids) were right.
+            "validation_correct": pack_bits(in_split_order(val_each, prepared.val_local_count))}
 
 
 def keep_best(config, record: dict, state, best_params, progress: dict):
@@ -323,7 +342,7 @@ def summarise(config, prepared: Prepared | None, programs: Programs | None, best
         log(f"did not reach validation accuracy {config.target_accuracy}; best {best['validation_accuracy']:.4f}")
     if config.eval_test:
         test_data, test_count = prepare_split(load_split(config, "test", prepared.num_classes), "test", False)
-        summary["test_accuracy"] = int(programs.evaluate(best_params, *test_data, 1)[0][0]) / test_count
+        summary["test_accuracy"] = int(programs.evaluate(best_params, *test_data, 1)[1][0][0]) / test_count
         log(f"test accuracy of the best params (outer {best['outer']}): {summary['test_accuracy']:.4f}")
     return summary
 

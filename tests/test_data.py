@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 import data
+from config import Config
 from conftest import SHARED_EUROSAT
 from helpers import make_folder
 
@@ -66,6 +67,9 @@ def test_folder_source_splits_80_10_10_without_overlap_and_keeps_pixels(tmp_path
     for s in data.SPLITS:
         for image, label in zip(splits[s].images, splits[s].labels):
             assert by_pixels[image.tobytes()] == label
+    ids = data.split_ids(Config(dataset="folder", data_dir=str(root)), "validation")  # names, in the split's order
+    assert [np.asarray(Image.open(root / name)).tobytes() for name in ids] == [
+        image.tobytes() for image in splits["validation"].images]
     halves = [data.load_folder(str(root), "train", i, 2) for i in range(2)]
     np.testing.assert_array_equal(np.concatenate([h.images for h in halves]), splits["train"].images)
     assert len(data.load_folder(str(root), "train", 0, 1, train_examples=7).labels) == 7

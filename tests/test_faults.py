@@ -18,7 +18,7 @@ from helpers import SMALL, free_port, make_images, read_metrics, run_train, star
 from model import ConvNet
 
 RUN = [*SMALL, "--synthetic-examples", "300", "--inner-steps", "3"]
-OUTCOMES = ("step", "loss", "train_accuracy", "validation_accuracy", "best_validation_accuracy")
+OUTCOMES = ("step", "loss", "train_accuracy", "validation_accuracy", "best_validation_accuracy", "validation_correct")
 
 
 def outcomes(output_dir):

@@ -18,6 +18,7 @@ import parallel
 import train
 from conftest import ROOT
 from helpers import SMALL, device_env, free_port, make_images, read_metrics, run_train, start_train
+from metrics import unpack_bits
 from model import ConvNet
 
 
@@ -51,10 +52,12 @@ def test_padded_sharded_step_equals_the_unpadded_single_device_computation(micro
     # Plain SGD with rate 1: new = old - grad, so the applied gradient is old - new.
     applied = jax.tree.map(lambda old, new: old - new[0], params, new_state.params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), applied, grads)
-    evaluate = jax.pmap(functools.partial(train.evaluation_counts, apply_fn=model.apply, chunk=microbatch),
+    evaluate = jax.pmap(functools.partial(train.evaluation, apply_fn=model.apply, chunk=microbatch),
                         axis_name=parallel.AXIS, static_broadcasted_argnums=4)
-    counts = evaluate(state.params, *batch, 1)
-    assert int(counts[0][0]) == correct and int(counts[1][0]) == 0
+    each, counts = evaluate(state.params, *batch, 1)
+    assert counts[0].tolist() == [correct, 0]
+    predictions = np.argmax(np.asarray(model.apply({"params": params}, split.images)), -1)
+    np.testing.assert_array_equal(parallel.in_split_order(each, 13), predictions == split.labels)
 
 
 @pytest.mark.parametrize("chunk", [0, 1, 4, 5, 9])
@@ -88,6 +91,10 @@ def test_end_to_end_synthetic_run_learns_and_writes_metrics_and_params(tmp_path)
     validation = data.load_synthetic("validation", 500, 16, 0, 1)
     predictions = np.argmax(model.apply({"params": params}, validation.images), -1)
     assert (predictions == validation.labels).mean() == summary["best"]["validation_accuracy"]
+    # The per-image record of that outer loop names the same images, in the split's order.
+    best = next(r for r in records if r["outer"] == summary["best"]["outer"])
+    np.testing.assert_array_equal(unpack_bits(best["validation_correct"], 50), predictions == validation.labels)
+    assert header["validation_ids"] == [f"synthetic/{i}" for i in range(400, 450)]
 
 
 def test_compiled_and_python_inner_loops_agree(tmp_path):
@@ -117,6 +124,7 @@ def test_training_is_the_same_on_one_and_on_eight_devices(tmp_path):
         assert one[0]["train_examples"] == eight[0]["train_examples"] == 101
         np.testing.assert_allclose([r["loss"] for r in one[1]], [r["loss"] for r in eight[1]], rtol=1e-5)
         assert [r["validation_accuracy"] for r in one[1]] == [r["validation_accuracy"] for r in eight[1]]
+        assert [r["validation_correct"] for r in one[1]] == [r["validation_correct"] for r in eight[1]]
         params = [open(os.path.join(outputs[d] + opt, "best_params.msgpack"), "rb").read() for d in (1, 8)]
         trees = [flax.serialization.msgpack_restore(p) for p in params]
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *trees)
@@ -134,7 +142,7 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
     single, multi = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "multi")
     assert multi[0]["processes"] == 2 and multi[0]["train_examples"] == single[0]["train_examples"] == 200
     np.testing.assert_allclose([r["loss"] for r in multi[1]], [r["loss"] for r in single[1]], rtol=1e-5)
-    for key in ("train_accuracy", "validation_accuracy"):
+    for key in ("train_accuracy", "validation_accuracy", "validation_correct"):
         assert [r[key] for r in multi[1]] == [r[key] for r in single[1]]
 
 
