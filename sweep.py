@@ -26,7 +26,7 @@ import numpy as np
 
 import checkpoint
 import train
-from config import OPTIMISERS, Config, check
+from config import DEFAULT_EPSILONS, OPTIMISERS, Config, check
 from config import parse as parse_config
 from errors import DataError, Diverged, Interrupted, PeerError, UsageError, exit_on_failure, fail
 from parallel import init_distributed, log
@@ -34,8 +34,11 @@ from stopping import StopSignals
 
 # A sweep's list flag for each train.py flag it varies: the single-value form would be overwritten by the grid.
 SWEPT = {"--optimiser": "--optimisers", "--learning-rate": "--learning-rates (or --lamb-rates, ...)",
-         "--seed": "--seeds", "--weight-decay": "--weight-decays", "--momentum": "--momenta"}
-COLUMNS = ["rank", "run", "optimiser", "learning_rate", "weight_decay", "momentum", "seed", "schedule", "status",
+         "--seed": "--seeds", "--weight-decay": "--weight-decays", "--momentum": "--momenta",
+         "--epsilon": "--epsilons (or --lamb-epsilons, --adam-epsilons)"}
+WITH_EPSILON = ("lamb", "adam")
+COLUMNS = ["rank", "run", "optimiser", "learning_rate", "weight_decay", "momentum", "epsilon", "seed", "schedule",
+           "status",
            "best_validation_accuracy", "best_outer", "best_step", "target_step", "target_seconds", "final_loss"]
 
 
@@ -55,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0", help="initialisation seeds, comma separated")
     p.add_argument("--weight-decays", default="0", help="for lamb and adam, comma separated")
     p.add_argument("--momenta", default="0.9", help="for sgd, comma separated")
+    p.add_argument("--epsilons", default=None, help="for lamb and adam, comma separated (default: each one's own)")
+    for name in WITH_EPSILON:
+        p.add_argument(f"--{name}-epsilons", help=f"epsilons for {name} only, instead of --epsilons")
     p.add_argument("--output-dir", required=True, help="one folder per run, and the leaderboard")
     p.error = lambda message: fail(f"{message} (see sweep.py --help)", "sweep.py")
     sweep, fixed = p.parse_known_args(argv)
@@ -67,7 +73,10 @@ def parse_args(argv=None):
         grid = {"optimisers": sweep.optimisers.split(","), "learning_rates": rates,
                 "seeds": [int(v) for v in sweep.seeds.split(",")],
                 "weight_decays": [float(v) for v in sweep.weight_decays.split(",")],
-                "momenta": [float(v) for v in sweep.momenta.split(",")]}
+                "momenta": [float(v) for v in sweep.momenta.split(",")],
+                "epsilons": {name: [float(v) for v in epsilons.split(",")] if epsilons else [None]
+                             for name in OPTIMISERS
+                             for epsilons in [getattr(sweep, f"{name}_epsilons", None) or sweep.epsilons]}}
     except ValueError as error:
         raise UsageError(f"a sweep list is not comma-separated numbers: {error}") from None
     unknown = set(grid["optimisers"]) - set(OPTIMISERS)
@@ -81,19 +90,31 @@ def grid_points(grid, base: Config) -> list[Point]:
     """One config per run, each checked like train.py's own flags."""
     points = []
     for optimiser in grid["optimisers"]:
-        for rate, seed, coefficient in itertools.product(
+        epsilons = grid["epsilons"][optimiser] if optimiser in WITH_EPSILON else [None]
+        for rate, seed, coefficient, epsilon in itertools.product(
                 grid["learning_rates"][optimiser], grid["seeds"],
-                grid["momenta"] if optimiser == "sgd" else grid["weight_decays"]):
-            if optimiser == "sgd":
-                swept, detail = dict(momentum=coefficient, weight_decay=0.0), f"m{coefficient:g}"
-            else:
-                swept, detail = dict(weight_decay=coefficient), f"wd{coefficient:g}"
-            name = f"{optimiser}-lr{rate:g}-{detail}-{base.schedule}-s{seed}"
+                grid["momenta"] if optimiser == "sgd" else grid["weight_decays"], epsilons):
+            swept = {"momentum": coefficient, "weight_decay": 0.0} if optimiser == "sgd" else {
+                "weight_decay": coefficient}
             config = dataclasses.replace(base, optimiser=optimiser, learning_rate=rate, seed=seed,
-                                         output_dir=os.path.join(base.output_dir, name), **swept)
-            check(config)
-            points.append(Point(name, config))
+                                         epsilon=epsilon or DEFAULT_EPSILONS[optimiser], **swept)
+            points.append(at_home(config, base.output_dir))
     return points
+
+
+def run_name(config: Config) -> str:
+    """A run's folder name: the values a sweep varies (epsilon only when not the optimiser's default)."""
+    detail = f"m{config.momentum:g}" if config.optimiser == "sgd" else f"wd{config.weight_decay:g}"
+    epsilon = "" if config.epsilon == DEFAULT_EPSILONS[config.optimiser] else f"-eps{config.epsilon:g}"
+    return f"{config.optimiser}-lr{config.learning_rate:g}-{detail}{epsilon}-{config.schedule}-s{config.seed}"
+
+
+def at_home(config: Config, output_dir: str) -> Point:
+    """The run as a Point with its own folder under `output_dir`, checked like train.py's own flags."""
+    name = run_name(config)
+    config = dataclasses.replace(config, output_dir=os.path.join(output_dir, name))
+    check(config)
+    return Point(name, config)
 
 
 def read_run(output_dir):
@@ -128,7 +149,8 @@ def leaderboard_rows(points):
         target = (end.get("summary") or {}).get("target") or {}
         rows.append({"run": name, "optimiser": c.optimiser, "learning_rate": c.learning_rate,
                      "weight_decay": c.weight_decay if c.optimiser != "sgd" else "",
-                     "momentum": c.momentum if c.optimiser == "sgd" else "", "seed": c.seed,
+                     "momentum": c.momentum if c.optimiser == "sgd" else "",
+                     "epsilon": c.epsilon if c.optimiser in WITH_EPSILON else "", "seed": c.seed,
                      "schedule": c.schedule, "status": status,
                      "best_validation_accuracy": best["validation_accuracy"] if best else 0.0,
                      "best_outer": best["outer"] if best else "", "best_step": best["step"] if best else "",
@@ -148,13 +170,14 @@ def optimiser_summary(rows):
         settings = {}
         for r in rows:
             if r["optimiser"] == optimiser:
-                key = (r["learning_rate"], r["weight_decay"], r["momentum"])
+                key = (r["learning_rate"], r["weight_decay"], r["momentum"], r["epsilon"])
                 settings.setdefault(key, []).append(r["best_validation_accuracy"])
         key, scores = max(settings.items(), key=lambda item: statistics.median(item[1]))
         summary.append({"optimiser": optimiser,
                         "best": max(r["best_validation_accuracy"] for r in rows if r["optimiser"] == optimiser),
                         "best_setting": f"lr {key[0]:g}" + (f" wd {key[1]:g}" if key[1] != "" else "")
-                                        + (f" momentum {key[2]:g}" if key[2] != "" else ""),
+                                        + (f" momentum {key[2]:g}" if key[2] != "" else "")
+                                        + (f" eps {key[3]:g}" if key[3] != "" else ""),
                         "median_over_seeds": statistics.median(scores), "spread": max(scores) - min(scores),
                         "seeds": len(scores)})
     return sorted(summary, key=lambda s: -s["median_over_seeds"])

@@ -48,16 +48,30 @@ def test_a_tiny_sweep_ranks_runs_marks_divergence_and_resumes(tmp_path, capsys):
     assert stamps == {n: os.path.getmtime(out / n / "metrics.jsonl") for n in names}
 
 
-def test_a_run_inside_a_sweep_equals_the_same_run_through_train_py(tmp_path):
-    sweep.run_sweep(*sweep.parse_args(["--optimisers", "lamb", "--learning-rates", "0.003,0.01", "--seeds", "1",
-                                       "--weight-decays", "0.01", "--schedule", "warmup_cosine",
-                                       "--warmup-steps", "3", "--output-dir", str(tmp_path / "sweep"), *FIXED]))
-    train.main([*FIXED, "--optimiser", "lamb", "--learning-rate", "0.01", "--seed", "1", "--weight-decay", "0.01",
-                "--schedule", "warmup_cosine", "--warmup-steps", "3", "--output-dir", str(tmp_path / "alone")])
-    inside = read_metrics(tmp_path / "sweep" / "lamb-lr0.01-wd0.01-warmup_cosine-s1")[1]
-    alone = read_metrics(tmp_path / "alone")[1]
-    np.testing.assert_allclose([r["loss"] for r in inside], [r["loss"] for r in alone], rtol=1e-6)
-    assert [r["validation_accuracy"] for r in inside] == [r["validation_accuracy"] for r in alone]
+def test_every_run_of_a_mixed_sweep_equals_the_same_run_through_train_py_with_one_compile_per_optimiser(
+        tmp_path, monkeypatch):
+    """Rates, epsilons, decays and seeds live in the optimiser state: a grid over them compiles each
+    optimiser's step once, and no run takes another's program (the sweep's key covers the optimiser)."""
+    built = []
+    build_programs = train.build_programs
+    monkeypatch.setattr(train, "build_programs", lambda config, prepared: built.append(config.optimiser) or
+                        build_programs(config, prepared))
+    schedule = ["--schedule", "warmup_cosine", "--warmup-steps", "3"]
+    sweep.run_sweep(*sweep.parse_args(["--optimisers", "lamb,sgd", "--lamb-rates", "0.01", "--lamb-epsilons",
+                                       "1e-6,1e-3", "--sgd-rates", "0.05", "--seeds", "1", "--weight-decays", "0.01",
+                                       *schedule, "--output-dir", str(tmp_path / "sweep"), *FIXED]))
+    assert built == ["lamb", "sgd"]
+    lamb = ["--optimiser", "lamb", "--learning-rate", "0.01", "--weight-decay", "0.01"]
+    for name, flags in [("lamb-lr0.01-wd0.01-warmup_cosine-s1", lamb),
+                        ("lamb-lr0.01-wd0.01-eps0.001-warmup_cosine-s1", [*lamb, "--epsilon", "1e-3"]),
+                        ("sgd-lr0.05-m0.9-warmup_cosine-s1", ["--optimiser", "sgd", "--learning-rate", "0.05"])]:
+        train.main([*FIXED, *flags, "--seed", "1", *schedule, "--output-dir", str(tmp_path / name)])
+        inside, alone = (read_metrics(tmp_path / folder / name)[1] for folder in ("sweep", "."))
+        np.testing.assert_allclose([r["loss"] for r in inside], [r["loss"] for r in alone], rtol=1e-6)
+        assert [r["validation_correct"] for r in inside] == [r["validation_correct"] for r in alone]
+    losses = [[r["loss"] for r in read_metrics(tmp_path / "sweep" / name)[1]] for name in (
+        "lamb-lr0.01-wd0.01-warmup_cosine-s1", "lamb-lr0.01-wd0.01-eps0.001-warmup_cosine-s1")]
+    assert losses[0] != losses[1]  # the epsilon reached the step
 
 
 def test_each_optimiser_may_have_its_own_rates(tmp_path):
