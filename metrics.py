@@ -3,6 +3,7 @@ import base64
 import json
 import os
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -11,10 +12,11 @@ import numpy as np
 class MetricsLog:
     """Process 0's metrics.jsonl: a header line, then a line per outer loop, flushed at once so nothing
     measured is lost. On resume the file is cut back to the checkpoint's outer loop (later lines are redone).
-    With path None (another process, no --output-dir, or a finished run) it writes nothing."""
+    With path None (another process, no --output-dir, or a finished run) it writes nothing. `mirror`, when
+    given, also receives every line written (a study's pack)."""
 
-    def __init__(self, path: str | None, header: dict, resumed_after: int | None):
-        self.file = None
+    def __init__(self, path: str | None, header: dict, resumed_after: int | None, mirror: Callable | None = None):
+        self.file, self.mirror = None, mirror
         if path is None:
             return
         lines = [json.dumps(header)]
@@ -30,11 +32,15 @@ class MetricsLog:
             f.write("\n".join(lines) + "\n")
         os.replace(path + ".tmp", path)
         self.file = open(path, "a")
+        if self.mirror:
+            self.mirror(header if resumed_after is None else json.loads(lines[-1]))
 
     def write(self, record: dict) -> None:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+            if self.mirror:
+                self.mirror(record)
 
     def __enter__(self):
         return self
@@ -42,6 +48,39 @@ class MetricsLog:
     def __exit__(self, *exception):
         if self.file:
             self.file.close()
+
+
+class Pack:
+    """Every line of every run's metrics.jsonl also in one file, as {"study_run": name, ...line}, flushed at once:
+    what a study on a lent accelerator sends back, complete up to the last outer loop if it is cut off."""
+
+    def __init__(self, path: str):
+        self.file = open(path, "a")
+
+    def writer(self, name: str) -> Callable:
+        def write(line: dict) -> None:
+            self.file.write(json.dumps({"study_run": name, **line}) + "\n")
+            self.file.flush()
+        return write
+
+
+def read_pack(path: str) -> dict[str, list[dict]]:
+    """A pack's runs, each as the lines its own metrics.jsonl holds: a resume line cuts the run's lines back
+    to its outer loop, as MetricsLog does; a new header starts the run afresh."""
+    runs = {}
+    with open(path) as f:
+        for line in (json.loads(text) for text in f if text.strip()):
+            name = line.pop("study_run", None)
+            if name is None:
+                continue  # the study's own lines
+            if "resumed_after_outer" in line:
+                runs[name] = [r for r in runs.get(name, []) if r.get("outer", 0) <= line["resumed_after_outer"]
+                              and "summary" not in r] + [line]
+            elif "config" in line:
+                runs[name] = [line]
+            else:
+                runs.setdefault(name, []).append(line)
+    return runs
 
 
 def complete_summary(path: str, summary: dict) -> None:

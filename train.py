@@ -27,7 +27,7 @@ import data
 from config import parse as parse_config
 from device_data import Prepared, load_split, prepare, prepare_split
 from errors import Diverged, Interrupted, exit_on_failure
-from metrics import MetricsLog, complete_summary, model_line, outer_line, pack_bits
+from metrics import MetricsLog, Pack, complete_summary, model_line, outer_line, pack_bits
 from model import ConvNet, param_count
 from optimisers import create_state, make_optimiser, with_hyperparams
 from parallel import AXIS, choose_conv, choose_microbatch, in_split_order, init_distributed, log
@@ -180,8 +180,8 @@ class Shared:
     """What the runs of one process share: the data on the devices, loaded at the first run that needs it
     (a sweep of finished runs loads nothing), and the compiled programs by program_key."""
 
-    def __init__(self, config):
-        self.config, self._prepared, self.programs = config, None, {}
+    def __init__(self, config, pack: Pack | None = None):
+        self.config, self._prepared, self.programs, self.pack = config, None, {}, pack
 
     def prepared(self) -> Prepared:
         if self._prepared is None:
@@ -207,7 +207,8 @@ def run(config, shared: Shared | None = None, stop: StopSignals | None = None) -
         if resumed and checkpoint.finished(config, resumed):
             return summarise_finished(config, shared, checkpoints, resumed)
         programs = shared.programs_for(config)
-        return outer_loops(config, shared.prepared(), programs, checkpoints, resumed, stop)
+        mirror = shared.pack.writer(os.path.basename(config.output_dir)) if shared.pack else None
+        return outer_loops(config, shared.prepared(), programs, checkpoints, resumed, stop, mirror)
     finally:
         if checkpoints:
             checkpoints.close()  # waits for a save still being written
@@ -230,7 +231,7 @@ def summarise_finished(config, shared: Shared, checkpoints, progress: dict) -> d
     return summary
 
 
-def start(config, prepared: Prepared, programs: Programs, checkpoints, resumed: dict | None):
+def start(config, prepared: Prepared, programs: Programs, checkpoints, resumed: dict | None, mirror=None):
     """(replicated state, best params, progress) fresh or from the checkpoint, and the metrics log to match."""
     state = create_state(programs.model, programs.optimiser, config.seed, programs.image_shape)
     state = with_hyperparams(state, config)
@@ -254,14 +255,15 @@ def start(config, prepared: Prepared, programs: Programs, checkpoints, resumed: 
     # A finished run's files stay as they are.
     write = is_main and config.output_dir and not checkpoint.finished(config, progress)
     metrics = MetricsLog(os.path.join(config.output_dir, "metrics.jsonl") if write else None,
-                         header, progress["outer"] if resumed else None)
+                         header, progress["outer"] if resumed else None, mirror)
     return state, best_params, progress, metrics
 
 
-def outer_loops(config, prepared: Prepared, programs: Programs, checkpoints, resumed, stop: StopSignals) -> dict:
+def outer_loops(config, prepared: Prepared, programs: Programs, checkpoints, resumed, stop: StopSignals,
+                mirror=None) -> dict:
     """Until the run is finished: the inner loop, evaluation and its record, the best params kept, a
     checkpoint; then the summary. A stop signal agreed by every process ends it between two steps."""
-    state, best_params, progress, metrics = start(config, prepared, programs, checkpoints, resumed)
+    state, best_params, progress, metrics = start(config, prepared, programs, checkpoints, resumed, mirror)
     first_outer = progress["outer"] + 1
     started = time.perf_counter() - progress["elapsed_seconds"]
     with metrics:

@@ -1,6 +1,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 import report
@@ -66,3 +67,34 @@ def test_report_replaces_only_its_marked_blocks_and_keeps_what_people_wrote(tmp_
     out.write_text(text + "<!-- report:nonsense -->\n<!-- /report:nonsense -->\n")
     with pytest.raises(SystemExit, match="block.*nonsense.*that no runs make"):
         report.main(["--results", str(tmp_path / "results"), "--out", str(out)])
+
+
+def test_a_study_pack_gives_every_image_accuracy_with_an_interval_and_the_blogs_host_zero_figure(tmp_path):
+    from metrics import Pack, pack_bits
+    results = tmp_path / "results"
+    write_run(results / report.SWEEP, "lamb-s0", "lamb", 0.01, 0, [0.3, 0.5])
+    (results / report.STUDY).mkdir()
+    pack = Pack(str(results / report.STUDY / "h100.study.jsonl"))
+    right = np.zeros(2700, bool)
+    right[:672] = True  # host 0's images all right...
+    right[1000:1000 + 2160 - 672] = True  # ...and 2,160 of 2,700 in all: 0.80
+    elsewhere = np.zeros(2700, bool)
+    elsewhere[672:672 + 1800] = True  # 1,800 right (0.6667), none of them host 0's
+    for rate, correct in [(0.01, right), (0.02, elsewhere)]:
+        write = pack.writer(f"lamb-lr{rate:g}")
+        write({"config": {"optimiser": "lamb", "learning_rate": rate, "inner_steps": 100, "dtype": "bfloat16",
+                          "schedule": "warmup_cosine", "warmup_steps": 130, "weight_decay": 0.0},
+               "examples_per_step": 172800, "validation_examples": 2700, "conv": "xla", "devices": 1,
+               "backend": "gpu", "device_kind": "NVIDIA H100 80GB HBM3", "jax": "0.11.2"})
+        for outer, bits in [(1, np.zeros(2700, bool)), (2, correct)]:
+            write({"outer": outer, "step": 100 * outer, "loss": 1.0, "validation_accuracy": bits.mean(),
+                   "images_per_second": 2e6, "train_seconds": 10.0 * outer, "validation_correct": pack_bits(bits)})
+    pack.writer("lamb-lr0.02")({"summary": {"train_seconds": 20.0}})
+    report.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md")])
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "1 x NVIDIA H100 80GB HBM3 (jax 0.11.2)" in text and "host 0 scored" in text
+    # 2,160 of 2,700 right: 0.8000, Wilson 95% interval 0.784 - 0.815; host 0's 672 images all right: 1.00.
+    assert "| lamb-lr0.01 | 2 | 0.8000 | 0.784 - 0.815 | 1.00 | not reached | not reached | 2,000,000 | cut off |" \
+        in text
+    assert "| lamb-lr0.02 | 2 | 0.6667 | 0.649 - 0.684 | 0.00 | not reached | not reached | 2,000,000 | ok |" in text
+    assert "| lamb | 0.01, 0.02 | lamb-lr0.01 (lowest tried: not bracketed) | 0.8000 |" in text

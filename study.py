@@ -1,0 +1,157 @@
+"""The full-scale study: a priority-ordered list of runs, in one process on one accelerator, within a budget.
+
+    python study.py --dataset folder --data-dir EuroSAT_RGB --dtype bfloat16 --output-dir /tmp/study \
+        --pack $OUT/study.jsonl [--budget-seconds 480] [--variant-from bench.json] [train.py flags]
+
+A lent accelerator gives minutes, not hours, so the runs go in the order of what they answer (PLAN):
+LAMB with warmup and cosine decay around the best full-scale constant rate, then Adam and SGD at their
+best reduced-scale rates, then the rates that bracket each optimiser's best, then more seeds of the
+winner. A run starts only if the time it is estimated to take (its outer loops at the speed measured so
+far, and a compile for a new program) fits what is left of `--budget-seconds`; the others are listed as
+skipped. Every line of every run's metrics also goes to `--pack`, flushed at each outer loop, so a
+study cut off by the device's time limit still returns one complete file. `--variant-from` takes the
+fastest correct step variant of a bench.py JSON (conv formulation, GELU recomputation, microbatch).
+Data and compiled programs are shared as in sweep.py; re-running the command skips finished runs.
+"""
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+
+import xla_setup  # noqa: F401  (must come before jax starts its backend)
+
+import jax
+
+import sweep
+import train
+from config import Config
+from config import parse as parse_config
+from errors import DataError, Diverged, Interrupted, PeerError, UsageError, exit_on_failure
+from metrics import Pack
+from parallel import init_distributed, log
+from stopping import StopSignals
+
+# Why these (RESULTS.md, "The full-scale study"): LAMB's constant 1e-2 was the best full-scale rate and
+# oscillated, 2e-2 diverged without warmup; warmup and cosine decay (a tenth of the run warming up, as at
+# reduced scale, where it beat the constant rate) should settle 1e-2 and make 2e-2 usable. Adam's and SGD's
+# first rates are their best at reduced scale; the later ones bracket each best from both sides.
+WARMUP_FRACTION = 0.1
+PLAN = [
+    {"optimiser": "lamb", "learning_rate": 1e-2},
+    {"optimiser": "adam", "learning_rate": 3e-3},
+    {"optimiser": "sgd", "learning_rate": 0.1},
+    {"optimiser": "lamb", "learning_rate": 2e-2},
+    {"optimiser": "lamb", "learning_rate": 5e-3},
+    {"optimiser": "adam", "learning_rate": 1e-2},
+    {"optimiser": "adam", "learning_rate": 1e-3},
+    {"optimiser": "sgd", "learning_rate": 0.3},
+    {"optimiser": "sgd", "learning_rate": 0.03},
+    {"winner_seeds": [1, 2]},  # the best run so far, with these seeds
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--budget-seconds", type=float, default=480, help="device time the runs may take in all")
+    p.add_argument("--seconds-per-outer", type=float, default=18.4,
+                   help="estimate of one outer loop until one is measured (18.4: the H100 at 936K img/s)")
+    p.add_argument("--compile-seconds", type=float, default=45, help="estimate of one new program's compile")
+    p.add_argument("--pack", required=True, help="one file with every line of every run's metrics")
+    p.add_argument("--variant-from", default=None, help="a bench.py --json file: use its fastest correct variant")
+    p.add_argument("--output-dir", required=True, help="one folder per run (checkpoints, metrics)")
+    p.error = lambda message: sys.exit(f"study.py: error: {message} (see study.py --help)")
+    study, fixed = p.parse_known_args(argv)
+    base = parse_config(fixed + ["--output-dir", study.output_dir])
+    if study.variant_from:
+        base = dataclasses.replace(base, **fastest_variant(study.variant_from, base.dtype))
+    return study, base
+
+
+def fastest_variant(path: str, dtype: str) -> dict:
+    """The conv formulation, GELU recomputation and microbatch of the fastest row of a bench.py JSON in
+    `dtype` whose logits agree with nn.Conv (to bf16's or f32's rounding)."""
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    tolerance = 2e-2 if dtype == "bfloat16" else 1e-4
+    good = [r for r in rows if "error" not in r and r.get("dtype") == dtype and "conv" in r
+            and r["logits_relative_error"] <= tolerance]
+    if not good:
+        raise UsageError(f"--variant-from {path}: no correct {dtype} variant in it")
+    best = max(good, key=lambda r: r["images_per_second"])
+    log(f"fastest variant in {path}: {best['name']} ({best['images_per_second']:,.0f} img/s)")
+    return {"conv": best["conv"], "remat_gelu": best["remat_gelu"], "microbatch": best["microbatch"]}
+
+
+def planned(base: Config, entry: dict) -> Config:
+    total = base.inner_steps * base.outer_steps
+    return dataclasses.replace(base, schedule="warmup_cosine", warmup_steps=round(WARMUP_FRACTION * total),
+                               seed=0, weight_decay=0.0, momentum=0.9, epsilon=None, **entry)
+
+
+def seconds_per_outer(output_dir: str) -> float | None:
+    """The median time between outer loops of a finished run (the first, with its compile, left out)."""
+    ended = sweep.read_run(output_dir)
+    elapsed = [r["elapsed_seconds"] for r in ended[1]] if ended else []
+    return statistics.median(b - a for a, b in zip(elapsed, elapsed[1:])) if len(elapsed) > 2 else None
+
+
+def best_finished(points: list[sweep.Point]) -> sweep.Point | None:
+    """The point whose finished run reached the highest validation accuracy."""
+    scored = [(max(r["validation_accuracy"] for r in ended[1]), point) for point in points
+              if (ended := sweep.read_run(point.config.output_dir)) and ended[1] and "summary" in ended[2]]
+    return max(scored, key=lambda pair: pair[0])[1] if scored else None
+
+
+def run_study(study, base: Config) -> dict:
+    init_distributed(base)  # before the signal handlers: jax's preemption notifier would replace them
+    started, estimate = time.monotonic(), study.seconds_per_outer
+    pack = Pack(study.pack) if jax.process_index() == 0 else None
+    shared, done, outcome = train.Shared(base, pack), [], {"ran": [], "skipped": []}
+    with StopSignals() as stop:
+        for entry in PLAN:
+            if "winner_seeds" in entry:
+                winner = best_finished(done)
+                configs = [dataclasses.replace(winner.config, seed=s) for s in entry["winner_seeds"]] if winner else []
+            else:
+                configs = [planned(base, entry)]
+            for config in configs:
+                point = sweep.at_home(config, base.output_dir)
+                if stop.agree():
+                    raise Interrupted(stop.agreed, f"before {point.name}; re-running the same command goes on")
+                new_program = train.program_key(point.config) not in shared.programs
+                needed = point.config.outer_steps * estimate + study.compile_seconds * new_program
+                left = study.budget_seconds - (time.monotonic() - started)
+                if sweep.verdict_of_process_0(point.config) != sweep.RUN:
+                    log(f"{point.name}: finished earlier, skipped")
+                elif needed > left:
+                    log(f"{point.name}: skipped, needs about {needed:.0f}s of the {left:.0f}s left")
+                    outcome["skipped"].append(point.name)
+                    continue
+                else:
+                    log(f"{point.name}: about {needed:.0f}s of the {left:.0f}s left")
+                    try:
+                        train.run(point.config, shared, stop)
+                    except Diverged as error:
+                        log(f"{point.name}: diverged: {error}")
+                    except (KeyboardInterrupt, Interrupted, UsageError, PeerError, DataError):
+                        raise
+                    outcome["ran"].append(point.name)
+                done.append(point)
+                estimate = seconds_per_outer(point.config.output_dir) or estimate
+    outcome.update(seconds=time.monotonic() - started, budget_seconds=study.budget_seconds,
+                   seconds_per_outer=estimate)
+    if pack:
+        pack.writer(None)({"study": outcome})
+    log(f"study: ran {len(outcome['ran'])}, skipped {len(outcome['skipped'])} in {outcome['seconds']:.0f}s")
+    return outcome
+
+
+def main(argv=None):
+    exit_on_failure("study.py", lambda: run_study(*parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
