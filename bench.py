@@ -10,9 +10,13 @@ pmapped steps; the original psum'd those means, which differs only by the device
 so that speed-ups are ratios from one run. Prints a table; `--json PATH` also writes the figures.
 """
 import argparse
+import collections
 import dataclasses
 import functools
+import glob
+import gzip
 import json
+import os
 import resource
 import statistics
 import sys
@@ -52,6 +56,9 @@ def parse_args(argv=None):
                    help="time each of these step variants in this one process, e.g. base conv=space_to_depth "
                         "conv=xla,remat_gelu=1 microbatch=4096 dtype=float32 (fields: conv, remat_gelu, "
                         "microbatch, dtype; the flags above give the rest)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also trace one more run of each variant with jax.profiler into DIR and put its largest "
+                        "kernels (time per step) into the figures")
     p.add_argument("--json", default=None, help="also write the figures here")
     return p.parse_args(argv)
 
@@ -115,8 +122,34 @@ def reference_step(state, images, labels):
     return state.apply_gradients(grads=grads), loss
 
 
-def measure(name, run_steps, state, batch, images_per_step, steps, repeats):
-    """Compile (first call), then the median of `repeats` runs of `steps` steps."""
+def kernel_summary(trace_dir: str, steps: int, top: int = 12) -> dict:
+    """Per step, the time each kernel (op on the CPU) took in a jax.profiler trace, the largest first:
+    what limits the step. Read from the trace's perfetto JSON; device tracks where there are any."""
+    path = max(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+               key=os.path.getmtime)
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    tracks = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    devices = {pid for pid, name in tracks.items() if name.startswith("/device:")}
+    totals = collections.defaultdict(lambda: [0.0, 0])
+    for e in events:
+        on_device = e.get("pid") in devices
+        host_op = not devices and not e.get("name", "$").startswith("$") and "Execut" not in e["name"] \
+            and "Pjit" not in e["name"]
+        if e.get("ph") == "X" and (on_device or host_op):
+            totals[e["name"]][0] += e.get("dur", 0.0)
+            totals[e["name"]][1] += 1
+    whole = sum(t for t, _ in totals.values()) / steps
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:top]
+    return {"source": "device tracks" if devices else "host track (CPU ops)", "microseconds_per_step": whole,
+            "kernels": [{"name": name[:120], "microseconds_per_step": t / steps, "calls_per_step": n / steps,
+                         "share": t / steps / whole if whole else 0.0} for name, (t, n) in ranked]}
+
+
+def measure(name, run_steps, state, batch, images_per_step, steps, repeats, profile_dir=None):
+    """Compile (first call), then the median of `repeats` runs of `steps` steps; with `profile_dir`, one
+    more run under jax.profiler, summarised per kernel."""
     tick = time.perf_counter()
     state, loss = run_steps(state, *batch)
     float(loss[0])
@@ -128,8 +161,14 @@ def measure(name, run_steps, state, batch, images_per_step, steps, repeats):
         holder["state"], loss = run_steps(holder["state"], *batch)
         float(loss[0])
     seconds = timed(one_repeat, repeats)
-    return {"name": name, "images_per_second": images_per_step * steps / seconds,
-            "step_seconds": seconds / steps, "first_call_seconds": compile_seconds}
+    row = {"name": name, "images_per_second": images_per_step * steps / seconds,
+           "step_seconds": seconds / steps, "first_call_seconds": compile_seconds}
+    if profile_dir:
+        folder = os.path.join(profile_dir, "".join(c if c.isalnum() else "_" for c in name))
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            one_repeat()
+        row["profile"] = kernel_summary(folder, steps)
+    return row
 
 
 def python_loop(step, steps):
@@ -217,7 +256,7 @@ def time_variant(name, config, a, per_device, batch, check_images, reference_log
             run_steps = jax.pmap(functools.partial(train.inner_loop, steps=a.steps, **step_kwargs),
                                  axis_name=parallel.AXIS, donate_argnums=0)
         row = measure(f"{name}, {mode} loop", run_steps, jax.tree.map(jnp.copy, state), batch, a.batch, a.steps,
-                      a.repeats)
+                      a.repeats, a.profile)
         row.update(variant=name, conv=model.conv, dtype=config.dtype, remat_gelu=config.remat_gelu,
                    microbatch=microbatch, logits_relative_error=error)
         print(f"  {row['name']}: {row['images_per_second']:,.0f} img/s (logits rel. error {error:.1e})", flush=True)

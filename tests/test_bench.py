@@ -26,7 +26,8 @@ def test_bench_times_a_list_of_variants_in_one_process_and_checks_each_against_n
     out = tmp_path / "variants.json"
     subprocess.run([sys.executable, "bench.py", "--batch", "16", "--devices", "2", "--channels", "4,8", "--dense", "8",
                     "--image-size", "16", "--steps", "1", "--repeats", "1", "--inner-loop", "compiled",
-                    "--variants", "base", "conv=space_to_depth,remat_gelu=1", "dtype=bfloat16", "--json", str(out)],
+                    "--variants", "base", "conv=space_to_depth,remat_gelu=1", "dtype=bfloat16", "--json", str(out),
+                    "--profile", str(tmp_path / "profile")],
                    cwd=ROOT, env=device_env(), check=True, capture_output=True, timeout=300)
     figures = json.loads(out.read_text())
     assert [r["name"] for r in figures["rows"]] == [
@@ -41,3 +42,6 @@ def test_bench_times_a_list_of_variants_in_one_process_and_checks_each_against_n
     forward, backward = 768 + 4 * (256 + 128 + 2 * 384), 768 + 4 * (2 * 384 + 2 * 256)
     assert base["bytes_per_image"] == forward + backward and half["bytes_per_image"] == 768 * 2 + 2 * (
         256 + 128 + 2 * 384 + 2 * 384 + 2 * 256)
+    for row in figures["rows"]:  # a kernel profile of each: what takes the step's time
+        kernels = row["profile"]["kernels"]
+        assert kernels and all(0 < k["share"] <= 1 for k in kernels) and row["profile"]["microseconds_per_step"] > 0
