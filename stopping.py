@@ -2,7 +2,10 @@
 of the run agrees on, so all of them stop at the same step or outer-loop boundary and leave one complete
 checkpoint behind.
 """
+import os
 import signal
+import socket
+import sys
 import threading
 
 import jax
@@ -14,29 +17,45 @@ from parallel import AXIS
 
 
 class StopSignals:
-    """A context that records stop signals; a second one stops at once (KeyboardInterrupt).
+    """A context that records a stop signal; a second one ends the process at once (exit 128 + signal).
 
     On a pod the signal reaches the processes at different moments, or only some of them, so no process
     stops on its own word: `received` is this process's request, `agreed` the largest signal any process
     passed on at the same boundary (with a step, or through `agree`), which is what all of them act on.
     A process that stopped alone would leave the others waiting at the next all-reduce forever.
     Enter it after jax.distributed.initialize, whose preemption notifier takes over SIGTERM otherwise.
+
+    Signals are watched by a thread on Python's wakeup file, written the moment a signal arrives: a Python
+    handler runs only when the main thread runs Python again, which inside a compiled outer loop can be
+    minutes later, and two signals meanwhile would count as one.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __enter__(self):
         self.received, self.agreed = None, None
-        self.previous = {}
+        self.previous, self.wakeup = {}, None
         self._agree = jax.pmap(lambda signum: lax.pmax(signum, AXIS), axis_name=AXIS)
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            self.previous = {s: signal.signal(s, self.record) for s in self.SIGNALS}
+            # Python's handler only has to exist (so the signal is caught and written to the wakeup file);
+            # the watcher acts on it.
+            self.previous = {s: signal.signal(s, lambda signum, frame: None) for s in self.SIGNALS}
+            reader, writer = socket.socketpair()
+            writer.setblocking(False)
+            self.wakeup = (reader, writer, signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False))
+            threading.Thread(target=self.watch, args=(reader,), daemon=True, name="stop-signals").start()
         return self
 
-    def record(self, signum, frame):
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
+    def watch(self, reader):
+        """Every stop signal the moment it arrives, whatever the main thread is doing."""
+        while data := reader.recv(64):
+            for signum in (signal.Signals(n) for n in data if n in self.SIGNALS):
+                if self.received is None:
+                    self.received = signum
+                else:
+                    print(f"stopped at once by a second {signum.name}; the last checkpoint written resumes the "
+                          "run", file=sys.stderr, flush=True)
+                    os._exit(128 + signum)
 
     def flags(self) -> np.ndarray:
         """This process's request for each of its devices (0: none), for a step to agree on."""
@@ -50,7 +69,14 @@ class StopSignals:
     def __exit__(self, exception_type, *_):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        if self.wakeup:
+            reader, writer, previous = self.wakeup
+            signal.set_wakeup_fd(previous)
+            writer.close()
+            reader.shutdown(socket.SHUT_RDWR)  # ends the watcher
         if self.previous and exception_type is Interrupted:
-            # The work is saved and the process is about to exit 128 + signal; the other processes of a pod
-            # may get their SIGTERM only now, and the default handler would turn the exit into a kill.
+            # The work is saved and the process is about to exit 128 + signal. The other processes of a pod
+            # may get their SIGTERM only now, and the default handler would turn the exit into a kill; a
+            # second Ctrl-C ends it at once, with no traceback from inside jax's exit handlers.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)

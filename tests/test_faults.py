@@ -257,3 +257,21 @@ def test_an_update_that_blows_up_the_params_is_caught_in_its_own_outer_loop(tmp_
     validation = data.load_synthetic("validation", 300, 16, 0, 1)
     predictions = np.argmax(np.asarray(model.apply({"params": best_params}, validation.images)), -1)
     assert (predictions == validation.labels).sum() / len(predictions) == records[0]["validation_accuracy"]
+
+
+def test_a_second_signal_stops_at_once_even_inside_a_compiled_outer_loop(tmp_path):
+    """The first signal waits for the outer loop (and its checkpoint); a second one must not wait at all,
+    also while the process waits inside a compiled program (where a Python handler cannot run)."""
+    process = start_train([*RUN, "--inner-steps", "400", "--outer-steps", "3", "--inner-loop", "compiled",
+                           "--output-dir", str(tmp_path)])
+    wait_for_records(tmp_path, 1, process)
+    time.sleep(1)  # inside outer loop 2: one compiled program of 400 steps, which takes seconds
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    assert time.monotonic() - started < 3, "waited for the compiled outer loop"
+    assert stderr.strip().splitlines()[-1].startswith("stopped at once by a second SIGINT")
+    assert read_metrics(tmp_path)[1][-1]["inner_seconds"] > 3  # which takes longer than that
