@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import orbax.checkpoint as ocp
 from PIL import Image
 
 from conftest import ROOT
@@ -83,3 +84,11 @@ def wait_for_records(output_dir, count, process, timeout=120):
                     return
         time.sleep(0.02)
     raise AssertionError(f"no {count} outer loops in {timeout}s")
+
+
+def latest_checkpoint(output_dir):
+    checkpoints = ocp.CheckpointManager(os.path.abspath(os.path.join(output_dir, "checkpoints")))
+    outer = checkpoints.latest_step()
+    tree = checkpoints.restore(outer, args=ocp.args.Composite(tree=ocp.args.StandardRestore())).tree
+    checkpoints.close()
+    return outer, tree

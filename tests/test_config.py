@@ -4,12 +4,14 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 import config
 import parallel
 import train
 from device_data import Prepared
 from errors import UsageError
+from helpers import make_folder
 
 
 def test_every_flag_either_defines_the_run_or_only_how_it_is_computed():
@@ -39,7 +41,7 @@ def test_the_program_key_covers_everything_build_programs_reads(backend_choices)
     images = np.zeros((jax.local_device_count(), 4, 8, 8, 3), np.uint8)  # (devices, per_device, 8, 8, 3)
     labels, mask = np.zeros(images.shape[:2], np.int32), np.ones(images.shape[:2], np.float32)
     batch = parallel.on_devices(images, labels, mask)
-    prepared = Prepared(batch, batch, 32, 32, 1, 10)
+    prepared = Prepared(batch, batch, 32, 32, 1, 10, 32)
     recording = Recording(config.Config(dataset="synthetic", channels=(4,), dense=4, **backend_choices))
     train.build_programs(recording, prepared)
     assert recording.read <= set(train.PROGRAM_FIELDS), recording.read - set(train.PROGRAM_FIELDS)
@@ -54,3 +56,37 @@ def test_a_config_is_frozen_and_resolves_the_optimisers_default_rate():
     assert dataclasses.replace(c, seed=3).seed == 3
     with pytest.raises(UsageError, match="--weight-decay must be >= 0, got -0.1"):
         config.check(dataclasses.replace(c, weight_decay=-0.1))
+
+
+# A different value for every field of the config (a new field must be added here).
+CHANGED = {"optimiser": "adam", "learning_rate": 0.5, "weight_decay": 0.1, "momentum": 0.5, "epsilon": 1e-3,
+           "schedule": "warmup_linear", "warmup_steps": 2, "inner_steps": 7, "outer_steps": 9, "inner_loop": "compiled",
+           "seed": 1, "dataset": "tfds", "data_dir": "elsewhere", "manual_dir": "zips", "synthetic_examples": 99,
+           "image_size": 32, "train_examples": 10, "no_augment": True, "channels": (4,), "dense": 3,
+           "initialiser": "haiku", "dtype": "bfloat16", "conv": "xla", "remat_gelu": True, "microbatch": 5,
+           "target_accuracy": 0.5, "stop_at_target": True, "output_dir": "out", "resume": True, "keep_checkpoints": 5,
+           "eval_test": True, "coordinator_address": "h:1", "num_processes": 2, "process_id": 1,
+           "distributed_timeout": 9}
+
+
+def test_a_resume_is_refused_on_a_change_of_any_field_that_defines_the_run_and_of_no_other(tmp_path):
+    import checkpoint
+    assert set(CHANGED) == {f.name for f in dataclasses.fields(config.Config)}
+    base = config.Config(dataset="synthetic", schedule="warmup_cosine", warmup_steps=1)  # outer_steps then counts
+    saved = checkpoint.run_definition(base)
+    for field, value in CHANGED.items():
+        changed = checkpoint.differences(saved, dataclasses.replace(base, **{field: value}))
+        if field in config.HOW_COMPUTED or field == "data_dir":  # the data folder: see below
+            assert changed == [], field
+        else:
+            assert any(line.startswith(f"--{field.replace('_', '-')} ") for line in changed), (field, changed)
+    constant = config.Config(dataset="synthetic")  # a constant rate does not depend on the run's length
+    longer = dataclasses.replace(constant, outer_steps=9)
+    assert checkpoint.differences(checkpoint.run_definition(constant), longer) == []
+    # A data folder counts by its contents, not by its path (synthetic and TFDS data have no folder of images).
+    folders = [make_folder(tmp_path / name, per_class=2) for name in ("a", "b")]
+    Image.new("RGB", (8, 8)).save(folders[1] / "River" / "River_1.png")
+    saved = checkpoint.run_definition(config.Config(dataset="folder", data_dir=str(folders[0])))
+    assert checkpoint.differences(saved, config.Config(dataset="folder", data_dir=str(folders[0]) + "/")) == []
+    assert checkpoint.differences(saved, config.Config(dataset="folder", data_dir=str(folders[1])))[0].startswith(
+        "--data-dir '6 images, sha256 ")

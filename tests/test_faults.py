@@ -8,13 +8,13 @@ import time
 import flax
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
 import data
 import train
-from helpers import SMALL, free_port, make_images, read_metrics, run_train, start_train, wait_for_records
+from helpers import (SMALL, free_port, latest_checkpoint, make_images, read_metrics, run_train, start_train,
+                     wait_for_records)
 from model import ConvNet
 
 RUN = [*SMALL, "--synthetic-examples", "300", "--inner-steps", "3"]
@@ -23,14 +23,6 @@ OUTCOMES = ("step", "loss", "train_accuracy", "validation_accuracy", "best_valid
 
 def outcomes(output_dir):
     return [{k: r[k] for k in OUTCOMES} for r in read_metrics(output_dir)[1]]
-
-
-def latest_checkpoint(output_dir):
-    checkpoints = ocp.CheckpointManager(os.path.abspath(os.path.join(output_dir, "checkpoints")))
-    outer = checkpoints.latest_step()
-    tree = checkpoints.restore(outer, args=ocp.args.Composite(tree=ocp.args.StandardRestore())).tree
-    checkpoints.close()
-    return outer, tree
 
 
 def assert_same_tree(a, b):
@@ -43,6 +35,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path):
     train.main([*RUN, "--outer-steps", "4", "--output-dir", str(tmp_path / "whole")])
     train.main([*RUN, "--outer-steps", "2", "--output-dir", str(tmp_path / "parts")])
     assert latest_checkpoint(tmp_path / "parts")[0] == 2
+    # The best outer loop so far is not the latest: resuming from the best checkpoint would show.
+    assert read_metrics(tmp_path / "parts")[2]["best"]["outer"] == 1
     train.main([*RUN, "--outer-steps", "4", "--output-dir", str(tmp_path / "parts"), "--resume"])
     assert outcomes(tmp_path / "parts") == outcomes(tmp_path / "whole")
     assert [r["outer"] for r in read_metrics(tmp_path / "parts")[1]] == [1, 2, 3, 4]
@@ -113,11 +107,11 @@ def test_a_stop_signal_leaves_a_checkpoint_that_resumes_to_the_uninterrupted_res
 
 
 def test_a_dead_process_stops_the_others_in_bounded_time_and_its_checkpoint_resumes(tmp_path):
-    args = [*RUN, "--inner-steps", "5", "--outer-steps", "30", "--distributed-timeout", "10",
-            "--output-dir", str(tmp_path)]
+    args = [*RUN, "--inner-steps", "5", "--outer-steps", "10", "--distributed-timeout", "10",
+            "--output-dir", str(tmp_path / "killed")]
     port = free_port()
     processes = [start_train(args, devices=4, process_id=i, port=port) for i in range(2)]
-    wait_for_records(tmp_path, 3, processes[0])
+    wait_for_records(tmp_path / "killed", 3, processes[0])
     processes[1].kill()
     killed_at = time.monotonic()
     stderr = processes[0].communicate(timeout=120)[1]
@@ -125,12 +119,16 @@ def test_a_dead_process_stops_the_others_in_bounded_time_and_its_checkpoint_resu
     assert time.monotonic() - killed_at < 10 + 30  # the heartbeat timeout, and slack for a loaded machine
     assert "another task died" in stderr or "unhealthy" in stderr, stderr[-3000:]
     processes[1].communicate()
-    checkpointed = latest_checkpoint(tmp_path)[0]
-    assert checkpointed >= 2
+    checkpointed = latest_checkpoint(tmp_path / "killed")[0]
+    assert 2 <= checkpointed < 10
     # Resumed by one process of 8 devices: the run does not depend on how devices are spread over hosts.
     resumed = run_train(args)
     assert f"resuming after outer loop {checkpointed}" in resumed.stdout
-    assert [r["outer"] for r in read_metrics(tmp_path)[1]] == list(range(1, 31))
+    assert [r["outer"] for r in read_metrics(tmp_path / "killed")[1]] == list(range(1, 11))
+    run_train([*args[:-1], str(tmp_path / "whole")])  # the same run, uninterrupted, on 1 x 8
+    resumed, whole = outcomes(tmp_path / "killed"), outcomes(tmp_path / "whole")
+    np.testing.assert_allclose([r.pop("loss") for r in resumed], [r.pop("loss") for r in whole], rtol=1e-5)
+    assert resumed == whole  # accuracies and which images were right
 
 
 def test_an_unreachable_coordinator_is_reported_within_the_timeout(tmp_path):
@@ -205,7 +203,9 @@ def test_rerunning_a_finished_run_changes_nothing(tmp_path, capsys):
                "--output-dir", str(tmp_path)]
     train.main(command)
     before = (tmp_path / "metrics.jsonl").read_text()
-    assert [r["outer"] for r in read_metrics(tmp_path)[1]] == [1]  # the target is reached at once
+    _, records, summary = read_metrics(tmp_path)
+    assert [r["outer"] for r in records] == [1]  # the target is reached at once, and the run stops
+    assert summary["target"] == {k: records[0][k] for k in ("outer", "step", "train_seconds", "elapsed_seconds")}
     for _ in range(2):
         capsys.readouterr()
         train.main(command)

@@ -1,8 +1,10 @@
 import functools
+import json
 import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import flax
 import jax
@@ -10,14 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax.training.train_state import TrainState
 
 import config
 import data
+import device_data
 import optimisers
 import parallel
 import train
 from conftest import ROOT
-from helpers import SMALL, device_env, free_port, make_images, read_metrics, run_train, start_train
+from helpers import SMALL, device_env, free_port, latest_checkpoint, make_images, read_metrics, run_train, start_train
 from metrics import unpack_bits
 from model import ConvNet
 
@@ -60,6 +64,29 @@ def test_padded_sharded_step_equals_the_unpadded_single_device_computation(micro
     np.testing.assert_array_equal(parallel.in_split_order(each, 13), predictions == split.labels)
 
 
+def test_the_step_train_py_builds_moves_by_the_mean_gradient_over_all_eight_forms_of_every_image():
+    """build_programs' own example count and the forms made on the devices: one SGD step (rate 1, no
+    momentum, gradient chunks smaller than a device's share) moves the params by the mean gradient over
+    the 8 dihedral forms of the 13 real images, made here with np.rot90 and np.fliplr."""
+    split, model, params = small_problem(13)
+    train_data, count = device_data.prepare_split(split, "train", augmented=True)  # (8, 16, 8, 8, 3): padded
+    prepared = device_data.Prepared(train_data, train_data, count, count, 8, 10, count)
+    c = config.Config(optimiser="sgd", learning_rate=1.0, momentum=0.0, channels=(4, 8), dense=8, inner_steps=1,
+                      outer_steps=1, inner_loop="python", microbatch=5, dataset="synthetic")
+    programs = train.build_programs(c, prepared)
+    state = optimisers.with_hyperparams(optimisers.create_state(programs.model, programs.optimiser, 0, (8, 8, 3)), c)
+    state = flax.jax_utils.replicate(state.replace(params=params))
+    no_signal = SimpleNamespace(received=None, flags=lambda: np.zeros(jax.local_device_count(), np.int32))
+    new_state, loss = programs.inner(state, *train_data, stop=no_signal)
+    forms = np.stack([np.rot90(np.fliplr(image) if t >= 4 else image, k=t % 4)
+                      for image in split.images for t in range(8)])  # (104, 8, 8, 3)
+    augmented = data.Split(forms, np.repeat(split.labels, 8))
+    want_loss, want_grads, _ = reference_loss_grads_correct(model, params, augmented)
+    np.testing.assert_allclose(float(loss[0]), float(want_loss), rtol=1e-5)
+    applied = jax.tree.map(lambda old, new: old - new[0], params, new_state.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), applied, want_grads)
+
+
 @pytest.mark.parametrize("chunk", [0, 1, 4, 5, 9])
 def test_summing_over_chunks_equals_summing_at_once(chunk):
     values = jnp.arange(9.0 * 2).reshape(9, 2)
@@ -72,28 +99,43 @@ def test_summing_over_chunks_equals_summing_at_once(chunk):
     assert int(got["count"]) == 5
 
 
+def accuracy(model, params, split) -> float:
+    """Recounted here, from params and images alone."""
+    predictions = np.argmax(np.asarray(model.apply({"params": params}, split.images)), -1)
+    return float((predictions == split.labels).sum() / len(predictions))
+
+
 def test_end_to_end_synthetic_run_learns_and_writes_metrics_and_params(tmp_path):
     out = tmp_path / "run"
-    result = run_train([*SMALL, "--synthetic-examples", "500", "--inner-steps", "10", "--outer-steps", "4",
-                        "--optimiser", "adam", "--learning-rate", "0.01", "--output-dir", str(out), "--eval-test"])
+    result = run_train([*SMALL, "--synthetic-examples", "500", "--inner-steps", "10", "--outer-steps", "5",
+                        "--optimiser", "adam", "--learning-rate", "0.05", "--output-dir", str(out), "--eval-test"])
     header, records, summary = read_metrics(out)
     assert header["train_examples"] == 400 and header["validation_examples"] == 50
     assert header["examples_per_step"] == 3200 and header["devices"] == 8
-    assert [r["step"] for r in records] == [10, 20, 30, 40]
+    assert [r["step"] for r in records] == [10, 20, 30, 40, 50]
     assert summary["best"]["validation_accuracy"] >= 0.5  # chance is 0.1
     assert records[-1]["loss"] < records[0]["loss"]
-    assert 0 <= summary["test_accuracy"] <= 1
-    assert result.stdout.count("\nouter ") + result.stdout.startswith("outer ") == 4
-    # The saved params are the best ones: they give the best validation accuracy again.
+    assert result.stdout.count("\nouter ") + result.stdout.startswith("outer ") == 5
+    # Validation accuracy falls at the end, so the best params are not the last ones.
+    assert summary["best"]["outer"] < 5 and records[-1]["validation_accuracy"] < summary["best"]["validation_accuracy"]
     model = ConvNet(channels=(8, 16), dense=16)
     template = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3), jnp.uint8))["params"]
-    params = flax.serialization.from_bytes(template, (out / "best_params.msgpack").read_bytes())
-    validation = data.load_synthetic("validation", 500, 16, 0, 1)
-    predictions = np.argmax(model.apply({"params": params}, validation.images), -1)
-    assert (predictions == validation.labels).mean() == summary["best"]["validation_accuracy"]
-    # The per-image record of that outer loop names the same images, in the split's order.
+    best_params = flax.serialization.from_bytes(template, (out / "best_params.msgpack").read_bytes())
+    last_params = latest_checkpoint(out)[1]["state"]["params"]
+    splits = {name: data.load_synthetic(name, 500, 16, 0, 1) for name in data.SPLITS}
+    # Every accuracy reported, recounted from the params: validation and test from the best params
+    # (the test split, not the validation split), train accuracy (the original images, not their 8
+    # forms) from the last outer loop's.
+    assert accuracy(model, best_params, splits["validation"]) == summary["best"]["validation_accuracy"]
+    assert accuracy(model, last_params, splits["validation"]) == records[-1]["validation_accuracy"]
+    assert accuracy(model, best_params, splits["test"]) == summary["test_accuracy"]
+    assert accuracy(model, last_params, splits["train"]) == records[-1]["train_accuracy"]
+    assert accuracy(model, best_params, splits["test"]) != accuracy(model, best_params, splits["validation"])
+    # The per-image record of the best outer loop names the same images, in the split's order.
     best = next(r for r in records if r["outer"] == summary["best"]["outer"])
-    np.testing.assert_array_equal(unpack_bits(best["validation_correct"], 50), predictions == validation.labels)
+    predictions = np.argmax(np.asarray(model.apply({"params": best_params}, splits["validation"].images)), -1)
+    np.testing.assert_array_equal(unpack_bits(best["validation_correct"], 50),
+                                  predictions == splits["validation"].labels)
     assert header["validation_ids"] == [f"synthetic/{i}" for i in range(400, 450)]
 
 
@@ -107,27 +149,46 @@ def test_compiled_and_python_inner_loops_agree(tmp_path):
 
 
 def test_training_is_the_same_on_one_and_on_eight_devices(tmp_path):
-    """Each optimiser, 4 updates of a 101-example batch (8 devices: padded), in two fresh processes."""
+    """Each optimiser, 4 updates of a 101-example batch (8 devices: padded), and once with the 8 dihedral
+    forms made on the devices (1 device: 808 images; 8 devices: 13 images each, 808 of 832 real), in two
+    fresh processes."""
+    runs = {"lamb": ["--optimiser", "lamb", "--no-augment"], "adam": ["--optimiser", "adam", "--no-augment"],
+            "sgd": ["--optimiser", "sgd", "--no-augment"], "augmented": ["--optimiser", "adam"]}
     script = (
-        "import os, sys, train\n"
-        "for opt in ('lamb', 'adam', 'sgd'):\n"
-        "    train.main(sys.argv[1:] + ['--optimiser', opt, '--output-dir', os.environ['OUT'] + opt])\n")
-    args = [*SMALL, "--synthetic-examples", "126", "--no-augment", "--inner-steps", "2", "--outer-steps", "2",
+        "import json, os, sys, train\n"
+        "for name, flags in json.loads(os.environ['RUNS']).items():\n"
+        "    train.main(sys.argv[1:] + flags + ['--output-dir', os.environ['OUT'] + name])\n")
+    args = [*SMALL, "--synthetic-examples", "126", "--inner-steps", "2", "--outer-steps", "2",
             "--inner-loop", "compiled", "--learning-rate", "0.05"]
     outputs = {devices: str(tmp_path / f"d{devices}-") for devices in (1, 8)}
     for devices, prefix in outputs.items():
-        subprocess.run([sys.executable, "-c", script, *args], env=device_env(devices, OUT=prefix), cwd=ROOT,
-                       check=True, capture_output=True, timeout=300)
-    for opt in ("lamb", "adam", "sgd"):
-        one, eight = (read_metrics(outputs[d] + opt) for d in (1, 8))
+        environment = device_env(devices, OUT=prefix, RUNS=json.dumps(runs))
+        subprocess.run([sys.executable, "-c", script, *args], env=environment, cwd=ROOT, check=True,
+                       capture_output=True, timeout=300)
+    for name in runs:
+        one, eight = (read_metrics(outputs[d] + name) for d in (1, 8))
         assert one[0]["devices"] == 1 and eight[0]["devices"] == 8
         assert one[0]["train_examples"] == eight[0]["train_examples"] == 101
+        assert one[0]["examples_per_step"] == eight[0]["examples_per_step"] == (808 if name == "augmented" else 101)
         np.testing.assert_allclose([r["loss"] for r in one[1]], [r["loss"] for r in eight[1]], rtol=1e-5)
-        assert [r["validation_accuracy"] for r in one[1]] == [r["validation_accuracy"] for r in eight[1]]
-        assert [r["validation_correct"] for r in one[1]] == [r["validation_correct"] for r in eight[1]]
-        params = [open(os.path.join(outputs[d] + opt, "best_params.msgpack"), "rb").read() for d in (1, 8)]
+        for key in ("train_accuracy", "validation_accuracy", "validation_correct"):
+            assert [r[key] for r in one[1]] == [r[key] for r in eight[1]], (name, key)
+        params = [open(os.path.join(outputs[d] + name, "best_params.msgpack"), "rb").read() for d in (1, 8)]
         trees = [flax.serialization.msgpack_restore(p) for p in params]
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *trees)
+
+
+def test_a_bfloat16_run_learns_end_to_end_and_its_best_params_give_its_best_accuracy(tmp_path):
+    train.main([*SMALL, "--synthetic-examples", "500", "--inner-steps", "10", "--outer-steps", "3", "--optimiser",
+                "adam", "--learning-rate", "0.03", "--dtype", "bfloat16", "--output-dir", str(tmp_path)])
+    header, records, summary = read_metrics(tmp_path)
+    assert header["config"]["dtype"] == "bfloat16" and records[-1]["loss"] < records[0]["loss"]
+    assert summary["best"]["validation_accuracy"] >= 0.3  # chance is 0.1
+    model = ConvNet(channels=(8, 16), dense=16, dtype=jnp.bfloat16)
+    template = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3), jnp.uint8))["params"]
+    best_params = flax.serialization.from_bytes(template, (tmp_path / "best_params.msgpack").read_bytes())
+    validation = data.load_synthetic("validation", 500, 16, 0, 1)
+    assert accuracy(model, best_params, validation) == summary["best"]["validation_accuracy"]
 
 
 def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
@@ -168,6 +229,11 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
     ([*SMALL, "--resume", "--output-dir", "{empty}"], "--resume: no checkpoint in"),
     (["--keep-checkpoints", "0"], "--keep-checkpoints must be positive, got 0"),
     (["--distributed-timeout", "0"], "--distributed-timeout must be positive, got 0"),
+    (["--weight-decay=-0.1"], "--weight-decay must be >= 0, got -0.1"),
+    (["--warmup-steps", "300"], "--warmup-steps must be in [0, total steps 13), got 300"),
+    (["--microbatch=-1"], "--microbatch must be >= 0 (0 = automatic), got -1"),
+    (["--target-accuracy", "1.5"], "--target-accuracy must be in (0, 1], got 1.5"),
+    (["--epsilon", "0"], "--epsilon must be positive, got 0.0"),
 ])
 def test_bad_input_exits_non_zero_with_one_line_naming_the_problem(tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
@@ -214,10 +280,27 @@ def test_a_diverging_run_stops_with_a_message_and_keeps_its_metrics(tmp_path):
 @pytest.mark.parametrize("schedule", ["constant", "warmup_cosine", "warmup_linear"])
 def test_schedules_scale_the_peak_rate_by_their_shape(schedule):
     shape = optimisers.schedule_shape(schedule, 10, 100)
-    values = [float(shape(step)) for step in (0, 5, 10, 55, 100)]
-    expected = {"constant": [1, 1, 1, 1, 1], "warmup_cosine": [0, 0.5, 1, 0.5, 0],
-                "warmup_linear": [0, 0.5, 1, 0.5, 0]}[schedule]
+    values = [float(shape(step)) for step in (0, 5, 10, 33, 55, 100)]
+    # At step 33, 23 of the 90 decay steps in, cosine and linear decay part: 0.85 against 0.74.
+    cosine = 0.5 * (1 + np.cos(np.pi * 23 / 90))
+    expected = {"constant": [1, 1, 1, 1, 1, 1], "warmup_cosine": [0, 0.5, 1, cosine, 0.5, 0],
+                "warmup_linear": [0, 0.5, 1, 1 - 23 / 90, 0.5, 0]}[schedule]
     np.testing.assert_allclose(values, expected, atol=1e-6)
+
+
+def test_the_schedule_shapes_every_update_over_the_whole_run_of_inner_times_outer_steps():
+    """The updates themselves follow the schedule, over inner x outer steps (not one inner loop)."""
+    c = config.Config(optimiser="sgd", learning_rate=1.0, momentum=0.0, schedule="warmup_linear", warmup_steps=2,
+                      inner_steps=2, outer_steps=3, channels=(4,), dense=4, dataset="synthetic")
+    batch = parallel.on_devices(np.zeros((8, 1, 8, 8, 3), np.uint8), np.zeros((8, 1), np.int32), np.ones((8, 1)))
+    programs = train.build_programs(c, device_data.Prepared(batch, batch, 8, 8, 1, 10, 8))
+    state = TrainState.create(apply_fn=None, params={"w": np.zeros(3, np.float32)}, tx=programs.optimiser)
+    state, sizes = optimisers.with_hyperparams(state, c), []
+    for _ in range(6):  # a gradient of ones: each update's size is the rate in force
+        new = state.apply_gradients(grads={"w": np.ones(3, np.float32)})
+        sizes.append(float(state.params["w"][0] - new.params["w"][0]))
+        state = new
+    np.testing.assert_allclose(sizes, [0, 0.5, 1, 0.75, 0.5, 0.25], atol=1e-6)
 
 
 def test_hyperparameters_live_in_the_optimiser_state_and_match_plain_optax():
