@@ -151,14 +151,14 @@ def measure(name, run_steps, state, batch, images_per_step, steps, repeats, prof
     """Compile (first call), then the median of `repeats` runs of `steps` steps; with `profile_dir`, one
     more run under jax.profiler, summarised per kernel."""
     tick = time.perf_counter()
-    state, loss = run_steps(state, *batch)
+    state, loss, *_ = run_steps(state, *batch)
     float(loss[0])
     compile_seconds = time.perf_counter() - tick
 
     holder = {"state": state}
 
     def one_repeat():
-        holder["state"], loss = run_steps(holder["state"], *batch)
+        holder["state"], loss, *_ = run_steps(holder["state"], *batch)
         float(loss[0])
     seconds = timed(one_repeat, repeats)
     row = {"name": name, "images_per_second": images_per_step * steps / seconds,

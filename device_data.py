@@ -20,6 +20,7 @@ class Prepared(NamedTuple):
     stride: int  # 8 when train_data holds the dihedral forms, else 1
     num_classes: int
     val_local_count: int  # this process's validation examples (the first of its devices' slots)
+    test: tuple | None = None  # (test_data, test_count) when --eval-test: loaded, and checked, before training
 
 
 def load_split(config, name: str, classes: int) -> data.Split:
@@ -46,14 +47,32 @@ def prepare_split(split: data.Split, name: str, augmented: bool):
     return (images, labels, mask), total
 
 
+def check_shapes(splits: dict[str, data.Split], augmented: bool) -> None:
+    """Every split the run uses holds images of one size (square, for the dihedral forms), checked before
+    the first step: a test image of another size must not surface only at the end of a long run."""
+    shapes = {name: split.images.shape[1:] for name, split in splits.items() if len(split.labels)}
+    if len(set(shapes.values())) > 1:
+        raise DataError("the splits' images differ in size (" + ", ".join(
+            f"{name} {'x'.join(map(str, shape[:2]))}" for name, shape in shapes.items()) + "); all must match")
+    height, width = next(iter(shapes.values()), (1, 1, 3))[:2]
+    if augmented and height != width:
+        raise DataError(f"the images are {height}x{width} (height x width); the 8 dihedral forms need square "
+                        "images: crop them square, or train with --no-augment")
+
+
 def prepare(config) -> Prepared:
-    """Start the processes, load this process's data and put it, augmented, on the devices."""
+    """Start the processes, load this process's data (every split the run uses, checked before training)
+    and put it, the training split augmented, on the devices."""
     init_distributed(config)
     classes = data.num_classes(config)
     log(f"jax {jax.__version__} {jax.default_backend()}: {jax.process_count()} process(es), "
         f"{jax.device_count()} devices ({jax.local_device_count()} local: {jax.local_devices()[0].device_kind})")
-    train_data, train_count = prepare_split(load_split(config, "train", classes), "train", not config.no_augment)
-    validation = load_split(config, "validation", classes)
-    val_data, val_count = prepare_split(validation, "validation", False)
+    names = ["train", "validation"] + ["test"] * config.eval_test
+    splits = {name: load_split(config, name, classes) for name in names}
+    check_shapes(splits, not config.no_augment)
+    train_data, train_count = prepare_split(splits["train"], "train", not config.no_augment)
+    val_data, val_count = prepare_split(splits["validation"], "validation", False)
+    test = prepare_split(splits["test"], "test", False) if config.eval_test else None
     stride = 1 if config.no_augment else augment.NUM_TRANSFORMS
-    return Prepared(train_data, val_data, train_count, val_count, stride, classes, len(validation.labels))
+    return Prepared(train_data, val_data, train_count, val_count, stride, classes, len(splits["validation"].labels),
+                    test)

@@ -16,14 +16,16 @@ class MetricsLog:
     given, also receives every line written (a study's pack)."""
 
     def __init__(self, path: str | None, header: dict, resumed_after: int | None, mirror: Callable | None = None):
-        self.file, self.mirror = None, mirror
+        self.file, self.mirror, self.records, self.config = None, mirror, [], header["config"]
         if path is None:
             return
+        self.curves = os.path.join(os.path.dirname(path), "curves.png")
         lines = [json.dumps(header)]
         if resumed_after is not None and os.path.exists(path):
             with open(path) as f:
                 earlier = [json.loads(line) for line in f if line.strip()]
             lines = [json.dumps(r) for r in earlier if r.get("outer", 0) <= resumed_after and "summary" not in r]
+            self.records = [r for r in earlier if "validation_accuracy" in r and r["outer"] <= resumed_after]
             # The resumed run's own config (e.g. more outer loops): readers take the last config line.
             lines.append(json.dumps({"resumed_after_outer": resumed_after, "config": header["config"],
                                      "devices": jax.device_count(), "processes": jax.process_count(),
@@ -41,6 +43,9 @@ class MetricsLog:
             self.file.flush()
             if self.mirror:
                 self.mirror(record)
+            if "validation_accuracy" in record:
+                self.records.append(record)
+                write_curves(self.curves, self.records, self.config)
 
     def __enter__(self):
         return self
@@ -83,6 +88,52 @@ def read_pack(path: str) -> dict[str, list[dict]]:
     return runs
 
 
+def write_curves(path: str, records: list[dict], config: dict) -> None:
+    """curves.png of a run: loss; train and validation accuracy; the learning rate in force. Written
+    atomically; skipped where matplotlib is missing (a bare accelerator machine)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return
+    steps = [r["step"] for r in records]
+    figure, (loss, accuracy, rate) = plt.subplots(1, 3, figsize=(13, 3.6))
+    loss.plot(steps, [r["loss"] for r in records], marker=".")
+    loss.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
+    accuracy.plot(steps, [r["train_accuracy"] for r in records], marker=".", label="train")
+    accuracy.plot(steps, [r["validation_accuracy"] for r in records], marker=".", label="validation")
+    accuracy.set(xlabel="step", ylabel="accuracy", title="accuracy")
+    accuracy.legend()
+    rate.plot(steps, [r.get("learning_rate", float("nan")) for r in records], marker=".")
+    rate.set(xlabel="step", ylabel="learning rate", title="rate in force (last step of each outer loop)")
+    for axes in (loss, accuracy, rate):
+        axes.grid(alpha=0.3)
+    figure.suptitle(f"{config['optimiser']} lr {config['learning_rate']:g} ({config['schedule']})")
+    figure.tight_layout()
+    figure.savefig(path + ".tmp.png", dpi=80)
+    plt.close(figure)
+    os.replace(path + ".tmp.png", path)
+
+
+def provenance() -> dict:
+    """What made a run: the device, the library versions and the project's git commit (if it is a checkout)."""
+    import subprocess
+
+    import flax
+    import optax
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                capture_output=True, text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                                    timeout=10).stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"device_kind": jax.devices()[0].device_kind, "jax": jax.__version__, "flax": flax.__version__,
+            "optax": optax.__version__, "git_commit": commit, "git_dirty": dirty}
+
+
 def complete_summary(path: str, summary: dict) -> None:
     """Ends metrics.jsonl with `summary` when its last line is no summary, or one without a key `summary`
     has (e.g. the test accuracy); a complete file is left exactly as it is."""
@@ -116,9 +167,13 @@ def model_line(config, params: int, conv: str, inner_mode: str, microbatch: int,
 
 
 def outer_line(outer_steps: int, record: dict, best: dict, first: bool) -> str:
-    """One outer loop on the console."""
+    """One outer loop on the console, with what the optimiser did in its last update: the rate in force,
+    the gradient's norm, and the smallest, median and largest ratio of an array's update to its norm."""
+    ratios = sorted(v for v in record["update_ratios"].values() if v is not None)
+    spread = f"{ratios[0]:.1e}/{ratios[len(ratios) // 2]:.1e}/{ratios[-1]:.1e}" if ratios else "-"
     return (f"outer {record['outer']}/{outer_steps} step {record['step']}: loss {record['loss']:.4f} "
             f"train acc {record['train_accuracy']:.4f} val acc {record['validation_accuracy']:.4f} "
-            f"(best {best['validation_accuracy']:.4f} @ outer {best['outer']}) | {record['inner_seconds']:.2f}s "
+            f"(best {best['validation_accuracy']:.4f} @ outer {best['outer']}) | lr {record['learning_rate']:.3g} "
+            f"grad {record['gradient_norm']:.3g} update/param {spread} | {record['inner_seconds']:.2f}s "
             f"{record['images_per_second']:,.0f} img/s | elapsed {record['elapsed_seconds']:.1f}s"
             + (" (includes compilation)" if first else ""))

@@ -28,6 +28,12 @@ def make_optimiser(name: str, schedule: str = "constant", warmup_steps: int = 0,
     return optax.chain(base, optax.scale_by_schedule(schedule_shape(schedule, warmup_steps, total_steps)))
 
 
+def rate_in_force(config, update: int) -> float:
+    """The learning rate of update number `update` (counting from 0): the peak rate times the schedule."""
+    total = config.inner_steps * config.outer_steps
+    return float(config.learning_rate * schedule_shape(config.schedule, config.warmup_steps, total)(update))
+
+
 def with_hyperparams(state: TrainState, config) -> TrainState:
     """Sets the run's peak rate and its optimiser's coefficient in the (unreplicated) optimiser state."""
     injected = state.opt_state[0]

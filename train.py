@@ -26,11 +26,12 @@ import checkpoint
 import data
 from config import parse as parse_config
 from device_data import Prepared, load_split, prepare, prepare_split
-from errors import Diverged, Interrupted, exit_on_failure
-from metrics import MetricsLog, Pack, complete_summary, model_line, outer_line, pack_bits
+from errors import Diverged, Interrupted, UsageError, exit_on_failure
+from metrics import MetricsLog, Pack, complete_summary, model_line, outer_line, pack_bits, provenance
 from model import ConvNet, param_count
-from optimisers import create_state, make_optimiser, with_hyperparams
+from optimisers import create_state, make_optimiser, rate_in_force, with_hyperparams
 from parallel import AXIS, choose_conv, choose_microbatch, in_split_order, init_distributed, log
+from progress import Progress
 from stopping import StopSignals
 
 
@@ -72,29 +73,55 @@ def loss_sum(params, apply_fn, images, labels, mask):
     return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * mask)
 
 
-def train_step(state, images, labels, mask, *, example_count, microbatch):
-    """One update with the gradient of the mean loss over the global batch (this device holds a shard)."""
+def loss_and_gradient(state, images, labels, mask, *, example_count, microbatch):
+    """The mean loss over the global batch and its gradient (this device holds a shard)."""
     def loss_and_grads(x, y, m):
         return jax.value_and_grad(loss_sum)(state.params, state.apply_fn, x, y, m)
 
     local_loss, local_grads = summed_over_chunks(loss_and_grads, (images, labels, mask), microbatch)
     # Sums from every device of every host over the global count: the same step on 1 device or 256.
-    loss, grads = jax.tree.map(lambda s: lax.psum(s, AXIS) / example_count, (local_loss, local_grads))
+    return jax.tree.map(lambda s: lax.psum(s, AXIS) / example_count, (local_loss, local_grads))
+
+
+def train_step(state, images, labels, mask, **step_kwargs):
+    """One update with the gradient of the mean loss over the global batch; (new state, loss before it)."""
+    loss, grads = loss_and_gradient(state, images, labels, mask, **step_kwargs)
     return state.apply_gradients(grads=grads), loss
 
 
+def optimiser_statistics(grads, params, new_params) -> dict:
+    """What the update did: global norms of the gradient, the update and the parameters, and per parameter
+    array the ratio of its update's norm to its norm (what LAMB's trust ratio sets to the learning rate;
+    NaN where the parameters are all zero, as biases start)."""
+    def norm(tree):
+        return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+    updates = jax.tree.map(jnp.subtract, new_params, params)
+    ratios = jax.tree.map(lambda u, p: jnp.where(norm(p) > 0, norm(u) / norm(p), jnp.nan), updates, params)
+    return {"gradient_norm": norm(grads), "update_norm": norm(updates), "parameter_norm": norm(new_params),
+            "update_ratios": ratios}
+
+
+def observed_step(state, images, labels, mask, **step_kwargs):
+    """train_step, plus what the optimiser did (the same on every device: the gradient is all-reduced)."""
+    loss, grads = loss_and_gradient(state, images, labels, mask, **step_kwargs)
+    new_state = state.apply_gradients(grads=grads)
+    return new_state, loss, optimiser_statistics(grads, state.params, new_state.params)
+
+
 def step_agreeing_to_stop(state, images, labels, mask, stop_signal, **step_kwargs):
-    """train_step, plus the largest stop signal any process passed in: every process reads the same value
-    after the same step, so all of them stop together."""
-    state, loss = train_step(state, images, labels, mask, **step_kwargs)
-    return state, loss, lax.pmax(stop_signal, AXIS)
+    """observed_step, plus the largest stop signal any process passed in: every process reads the same
+    value after the same step, so all of them stop together."""
+    return *observed_step(state, images, labels, mask, **step_kwargs), lax.pmax(stop_signal, AXIS)
 
 
 def inner_loop(state, images, labels, mask, *, steps, **step_kwargs):
-    """`steps` updates as one program; returns the new state and the loss before the last update."""
+    """`steps` updates as one program; returns the new state, the loss before the last update and what
+    the optimiser did in the last update."""
     def body(_, carry):
-        return train_step(carry[0], images, labels, mask, **step_kwargs)
-    return lax.fori_loop(0, steps, body, (state, jnp.zeros((), jnp.float32)))
+        return observed_step(carry[0], images, labels, mask, **step_kwargs)
+    shapes = jax.eval_shape(lambda: observed_step(state, images, labels, mask, **step_kwargs)[2])
+    nothing_yet = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return lax.fori_loop(0, steps, body, (state, jnp.zeros((), jnp.float32), nothing_yet))
 
 
 def evaluation(params, images, labels, mask, stride, *, apply_fn, chunk):
@@ -147,7 +174,7 @@ def build_programs(config, prepared: Prepared) -> Programs:
         loop = jax.pmap(functools.partial(inner_loop, steps=config.inner_steps, **step_kwargs),
                         axis_name=AXIS, donate_argnums=0)
 
-        def inner(state, *batch, stop):  # one program: a stop request waits for its end
+        def inner(state, *batch, stop, on_step=None):  # one program: a stop request waits for its end
             return loop(state, *batch)
     else:
         step = jax.pmap(functools.partial(step_agreeing_to_stop, **step_kwargs), axis_name=AXIS, donate_argnums=0)
@@ -157,21 +184,27 @@ def build_programs(config, prepared: Prepared) -> Programs:
     return Programs(model, optimiser, inner, evaluate, inner_mode, microbatch, image_shape)
 
 
-def python_inner_loop(step, steps, state, *batch, stop: StopSignals):
+def python_inner_loop(step, steps, state, *batch, stop: StopSignals, on_step=None):
     """The inner steps as a host loop of pmapped steps, or None when a stop signal came before they were
-    all done (every process then stops after the same step)."""
-    loss, agreed = None, None
+    all done (every process then stops after the same step). on_step() follows each finished step."""
+    loss, statistics, agreed = None, None, None
     for _ in range(steps):
         if jax.process_count() == 1 and stop.received:  # alone, no need to wait for an agreement
             stop.agreed = stop.received
             return None
-        state, next_loss, next_agreed = step(state, *batch, stop.flags())
-        if agreed is not None and int(agreed[0]):  # waits for the step before: one step queued at most
-            next_loss.block_until_ready()  # every process launched this step; let it end everywhere
-            stop.agreed = int(agreed[0])
-            return None
-        loss, agreed = next_loss, next_agreed
-    return state, loss
+        state, next_loss, next_statistics, next_agreed = step(state, *batch, stop.flags())
+        if agreed is not None:
+            if int(agreed[0]):  # waits for the step before: one step queued at most
+                next_loss.block_until_ready()  # every process launched this step; let it end everywhere
+                stop.agreed = int(agreed[0])
+                return None
+            if on_step:
+                on_step()
+        loss, statistics, agreed = next_loss, next_statistics, next_agreed
+    loss.block_until_ready()
+    if on_step:
+        on_step()
+    return state, loss, statistics
 
 
 # ----------------------------------------------------------------------------- a run
@@ -197,6 +230,7 @@ class Shared:
 def run(config, shared: Shared | None = None, stop: StopSignals | None = None) -> dict:
     """One training run; a sweep passes the data, the compiled programs and the stop signals it shares."""
     init_distributed(config)  # first: jax's own preemption notifier, set up there, must not replace our handler
+    check_writable(config.output_dir)
     if stop is None:
         with StopSignals() as stop:  # until the last checkpoint is written: a signal then must not kill the write
             return run(config, shared, stop)
@@ -212,6 +246,20 @@ def run(config, shared: Shared | None = None, stop: StopSignals | None = None) -
     finally:
         if checkpoints:
             checkpoints.close()  # waits for a save still being written
+
+
+def check_writable(output_dir: str | None) -> None:
+    """Refuse an --output-dir this process cannot create or write, before any data is loaded."""
+    if not output_dir:
+        return
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f".writable-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise UsageError(f"--output-dir {output_dir} cannot be written: {error.strerror or error}") from None
 
 
 def summarise_finished(config, shared: Shared, checkpoints, progress: dict) -> dict:
@@ -247,8 +295,7 @@ def start(config, prepared: Prepared, programs: Programs, checkpoints, resumed: 
               "microbatch": programs.microbatch, "devices": jax.device_count(), "processes": jax.process_count(),
               "backend": jax.default_backend(), "train_examples": prepared.train_count,
               "validation_examples": prepared.val_count, "examples_per_step": prepared.train_count * prepared.stride,
-              "jax": jax.__version__, "device_kind": jax.devices()[0].device_kind, "run": progress["run"],
-              "validation_ids": data.split_ids(config, "validation")}
+              **provenance(), "run": progress["run"], "validation_ids": data.split_ids(config, "validation")}
     is_main = jax.process_index() == 0
     if is_main and config.output_dir:
         os.makedirs(config.output_dir, exist_ok=True)
@@ -266,18 +313,21 @@ def outer_loops(config, prepared: Prepared, programs: Programs, checkpoints, res
     state, best_params, progress, metrics = start(config, prepared, programs, checkpoints, resumed, mirror)
     first_outer = progress["outer"] + 1
     started = time.perf_counter() - progress["elapsed_seconds"]
+    display = Progress(config, prepared.train_count * prepared.stride, progress["outer"] * config.inner_steps)
     with metrics:
         while not checkpoint.finished(config, progress):
             outer = progress["outer"] + 1
             if stop.agree():  # every process takes part, so all stop before the same outer loop
                 raise Interrupted.during_run(stop.agreed, outer, progress["outer"], config.output_dir)
             tick = time.perf_counter()
-            done = programs.inner(state, *prepared.train_data, stop=stop)
+            display.begin_outer(outer)
+            done = programs.inner(state, *prepared.train_data, stop=stop, on_step=display.step)
             if done is None:  # a stop signal came mid-loop: its steps are dropped, the checkpoint stands
                 raise Interrupted.during_run(stop.agreed, outer, progress["outer"], config.output_dir)
-            state, loss = done
+            state, loss, statistics = done
             record = evaluate(config, prepared, programs, state, float(loss[0]), tick, progress, metrics)
-            record["elapsed_seconds"] = time.perf_counter() - started
+            display.outer_done(record["inner_seconds"], outer - first_outer + 1)
+            record.update(optimiser_record(config, outer, statistics), elapsed_seconds=time.perf_counter() - started)
             best_params = keep_best(config, record, state, best_params, progress)
             log(outer_line(config.outer_steps, record, progress["best"], first=outer == first_outer))
             metrics.write(record)  # before the checkpoint: a resume may redo a line, never lose one
@@ -320,6 +370,17 @@ def evaluate(config, prepared: Prepared, programs: Programs, state, loss: float,
             "validation_correct": pack_bits(in_split_order(val_each, prepared.val_local_count))}
 
 
+def optimiser_record(config, outer: int, statistics: dict) -> dict:
+    """The last update of an outer loop: the learning rate in force, the norms, each array's update ratio."""
+    statistics = jax.device_get(jax.tree.map(lambda x: x[0], statistics))  # the same on every device
+    ratios = {jax.tree_util.keystr(path, simple=True, separator="/"): float(value)
+              for path, value in jax.tree_util.tree_leaves_with_path(statistics["update_ratios"])}
+    return {"learning_rate": rate_in_force(config, outer * config.inner_steps - 1),
+            "gradient_norm": float(statistics["gradient_norm"]), "update_norm": float(statistics["update_norm"]),
+            "parameter_norm": float(statistics["parameter_norm"]),
+            "update_ratios": {k: v if math.isfinite(v) else None for k, v in ratios.items()}}
+
+
 def keep_best(config, record: dict, state, best_params, progress: dict):
     """The best params so far (a copy, with best_params.msgpack), updated when validation accuracy improves."""
     if record["validation_accuracy"] > progress["best"]["validation_accuracy"]:
@@ -343,7 +404,8 @@ def summarise(config, prepared: Prepared | None, programs: Programs | None, best
     else:
         log(f"did not reach validation accuracy {config.target_accuracy}; best {best['validation_accuracy']:.4f}")
     if config.eval_test:
-        test_data, test_count = prepare_split(load_split(config, "test", prepared.num_classes), "test", False)
+        test_data, test_count = prepared.test or prepare_split(load_split(config, "test", prepared.num_classes),
+                                                               "test", False)
         summary["test_accuracy"] = int(programs.evaluate(best_params, *test_data, 1)[1][0][0]) / test_count
         log(f"test accuracy of the best params (outer {best['outer']}): {summary['test_accuracy']:.4f}")
     return summary

@@ -50,12 +50,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def make_images(root, corrupt=False, per_class=10):
-    """Two class folders of 16x16 JPEGs whose red channel counts up; optionally one corrupt file."""
+def make_images(root, corrupt=False, per_class=10, size=(16, 16)):
+    """Two class folders of JPEGs (size: width, height) whose red channel counts up; optionally one corrupt."""
     for name in ("Forest", "River"):
         os.makedirs(root / name)
         for i in range(per_class):
-            Image.new("RGB", (16, 16), (i * 20 % 256, 0, 0)).save(root / name / f"{name}_{i}.jpg")
+            Image.new("RGB", size, (i * 20 % 256, 0, 0)).save(root / name / f"{name}_{i}.jpg")
     if corrupt:
         (root / "River" / "River_3.jpg").write_bytes(b"\xff\xd8 truncated")
     return root

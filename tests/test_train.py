@@ -77,7 +77,7 @@ def test_the_step_train_py_builds_moves_by_the_mean_gradient_over_all_eight_form
     state = optimisers.with_hyperparams(optimisers.create_state(programs.model, programs.optimiser, 0, (8, 8, 3)), c)
     state = flax.jax_utils.replicate(state.replace(params=params))
     no_signal = SimpleNamespace(received=None, flags=lambda: np.zeros(jax.local_device_count(), np.int32))
-    new_state, loss = programs.inner(state, *train_data, stop=no_signal)
+    new_state, loss, statistics = programs.inner(state, *train_data, stop=no_signal)
     forms = np.stack([np.rot90(np.fliplr(image) if t >= 4 else image, k=t % 4)
                       for image in split.images for t in range(8)])  # (104, 8, 8, 3)
     augmented = data.Split(forms, np.repeat(split.labels, 8))
@@ -85,6 +85,16 @@ def test_the_step_train_py_builds_moves_by_the_mean_gradient_over_all_eight_form
     np.testing.assert_allclose(float(loss[0]), float(want_loss), rtol=1e-5)
     applied = jax.tree.map(lambda old, new: old - new[0], params, new_state.params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), applied, want_grads)
+    # What the optimiser did, as the step reports it: SGD at rate 1 moves by the gradient itself.
+    def norm(tree):
+        return np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree)))
+    np.testing.assert_allclose(statistics["gradient_norm"][0], norm(want_grads), rtol=1e-4)
+    np.testing.assert_allclose(statistics["update_norm"][0], norm(want_grads), rtol=1e-4)
+    np.testing.assert_allclose(statistics["parameter_norm"][0], norm(jax.tree.map(lambda p: p[0], new_state.params)),
+                               rtol=1e-5)
+    want_ratios = jax.tree.map(lambda g, p: norm(g) / norm(p) if norm(p) else np.nan, want_grads, params)
+    jax.tree.map(lambda got, want: np.testing.assert_allclose(got[0], want, rtol=1e-4), statistics["update_ratios"],
+                 want_ratios)
 
 
 @pytest.mark.parametrize("chunk", [0, 1, 4, 5, 9])
@@ -116,6 +126,11 @@ def test_end_to_end_synthetic_run_learns_and_writes_metrics_and_params(tmp_path)
     assert summary["best"]["validation_accuracy"] >= 0.5  # chance is 0.1
     assert records[-1]["loss"] < records[0]["loss"]
     assert result.stdout.count("\nouter ") + result.stdout.startswith("outer ") == 5
+    assert "\nspeed: " in result.stdout and "the whole run of 50 steps about" in result.stdout
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert header["flax"] == flax.__version__ and header["optax"] == optax.__version__ and header["device_kind"]
+    assert re.fullmatch("[0-9a-f]{40}", header["git_commit"] or "0" * 40)
+    assert [r["learning_rate"] for r in records] == [0.05] * 5 and all(r["update_norm"] > 0 for r in records)
     # Validation accuracy falls at the end, so the best params are not the last ones.
     assert summary["best"]["outer"] < 5 and records[-1]["validation_accuracy"] < summary["best"]["validation_accuracy"]
     model = ConvNet(channels=(8, 16), dense=16)
@@ -171,8 +186,13 @@ def test_training_is_the_same_on_one_and_on_eight_devices(tmp_path):
         assert one[0]["train_examples"] == eight[0]["train_examples"] == 101
         assert one[0]["examples_per_step"] == eight[0]["examples_per_step"] == (808 if name == "augmented" else 101)
         np.testing.assert_allclose([r["loss"] for r in one[1]], [r["loss"] for r in eight[1]], rtol=1e-5)
-        for key in ("train_accuracy", "validation_accuracy", "validation_correct"):
+        for key in ("train_accuracy", "validation_accuracy", "validation_correct", "learning_rate"):
             assert [r[key] for r in one[1]] == [r[key] for r in eight[1]], (name, key)
+        for key in ("gradient_norm", "update_norm", "parameter_norm"):  # what the optimiser did, alike
+            np.testing.assert_allclose([r[key] for r in one[1]], [r[key] for r in eight[1]], rtol=1e-4)
+        for a, b in zip(one[1], eight[1]):
+            np.testing.assert_allclose(list(a["update_ratios"].values()), list(b["update_ratios"].values()),
+                                       rtol=1e-4)
         params = [open(os.path.join(outputs[d] + name, "best_params.msgpack"), "rb").read() for d in (1, 8)]
         trees = [flax.serialization.msgpack_restore(p) for p in params]
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *trees)
@@ -221,6 +241,10 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
     (["--dataset", "folder", "--data-dir", "/no/such/folder"], "data folder /no/such/folder does not exist"),
     (["--dataset", "folder", "--data-dir", "{empty}"], "has no class sub-folders"),
     (["--dataset", "folder", "--data-dir", "{corrupt}"], "cannot read image .*River_3.jpg"),
+    (["--dataset", "folder", "--data-dir", "{oblong}"],
+     "the images are 12x16 (height x width); the 8 dihedral forms need square images: crop them square, or train "
+     "with --no-augment"),
+    (["--output-dir", "/proc/no-such-run"], "--output-dir /proc/no-such-run cannot be written: "),
     (["--output-dir", "{file}"], "exists and is not a folder"),
     ([*SMALL, "--train-examples", "100000"], "--train-examples 100000 is outside 1..1600"),
     ([*SMALL, "--synthetic-examples", "40"], "the validation split has 4 examples, fewer than the 8 devices"),
@@ -239,13 +263,34 @@ def test_bad_input_exits_non_zero_with_one_line_naming_the_problem(tmp_path, cap
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("")
     make_images(tmp_path / "corrupt", corrupt=True)
-    argv = [a.format(empty=tmp_path / "empty", corrupt=tmp_path / "corrupt", file=tmp_path / "file") for a in argv]
+    make_images(tmp_path / "oblong", per_class=40, size=(16, 12))  # width 16, height 12
+    argv = [a.format(empty=tmp_path / "empty", corrupt=tmp_path / "corrupt", file=tmp_path / "file",
+                     oblong=tmp_path / "oblong") for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         train.main(argv + ["--inner-steps", "1"] * ("--inner-steps" not in argv))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train.py: error: ")
     assert re.search(message if "*" in message else re.escape(message), err[0]), err[0]
+
+
+def test_a_bad_image_in_the_test_split_is_found_before_the_first_step_with_eval_test(tmp_path):
+    folder = make_images(tmp_path / "images", per_class=40)
+    (test_image,) = data.split_ids(config.Config(dataset="folder", data_dir=str(folder)), "test")[:1]
+    (folder / test_image).write_bytes(b"\xff\xd8 truncated")
+    result = run_train(["--dataset", "folder", "--data-dir", str(folder), "--channels", "4", "--dense", "4",
+                        "--inner-steps", "1", "--outer-steps", "1", "--eval-test"], check=False)
+    assert result.returncode == 2 and "outer 1/1" not in result.stdout  # before training, not after it
+    assert result.stderr.strip().splitlines() == [f"train.py: error: cannot read image {folder / test_image}: "
+                                                  + result.stderr.split(f"{test_image}: ", 1)[1].strip()]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_dir_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "locked").mkdir(mode=0o500)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*SMALL, "--output-dir", str(tmp_path / "locked" / "run")])
+    assert exit_info.value.code == 2 and "cannot be written: Permission denied" in capsys.readouterr().err
 
 
 def test_missing_eurosat_stops_with_instructions_and_no_traceback(tmp_path):

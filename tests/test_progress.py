@@ -1,0 +1,79 @@
+"""What a run shows while it runs: the estimate line, the plain progress lines in a log, the bar on a terminal."""
+import io
+
+import config
+import progress
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def run_steps(display, clock, count, first=30.0, each=0.2):
+    for number in range(count):
+        clock.now += first if number == 0 else each
+        display.step()
+
+
+def test_after_the_second_step_one_line_gives_the_step_the_outer_loop_and_the_run_in_human_units(monkeypatch, capsys):
+    clock = Clock()
+    monkeypatch.setattr(progress.time, "perf_counter", clock)
+    stream = io.StringIO()
+    display = progress.Progress(config.Config(inner_steps=100, outer_steps=13), 172_800, 0, stream, interactive=False)
+    display.begin_outer(1)
+    run_steps(display, clock, 1)  # the first step compiles: no estimate from it
+    assert capsys.readouterr().out == ""
+    run_steps(display, clock, 1, first=0.2)
+    assert capsys.readouterr().out == (
+        "speed: 0.2 s per step of 172,800 images (864,000 img/s); an outer loop of 100 steps takes about 20 s, "
+        "the whole run of 1,300 steps about 4 min\n")
+    # In a log file, a plain line at most every 30 s: at step 2, then at step 152 (in the next outer loop).
+    run_steps(display, clock, 98, first=0.2)
+    display.outer_done(49.8, 1)
+    display.begin_outer(2)
+    run_steps(display, clock, 100, first=0.2)
+    assert stream.getvalue().splitlines() == [
+        "outer 1/13: step 2/1,300 (2 of 100 in this outer loop), 864,000 img/s, outer loop left 20 s, run left 4 min",
+        "outer 2/13: step 152/1,300 (52 of 100 in this outer loop), 864,000 img/s, outer loop left 9.6 s, "
+        "run left 4 min"]
+
+
+def test_on_the_cpu_a_run_of_hours_says_so_and_names_the_reduced_scale_flags(monkeypatch, capsys):
+    clock = Clock()
+    monkeypatch.setattr(progress.time, "perf_counter", clock)
+    display = progress.Progress(config.Config(), 172_800, 0, io.StringIO(), interactive=False)
+    display.begin_outer(1)
+    run_steps(display, clock, 2, first=200, each=110)  # about the 2-core CPU's speed at the blog's batch
+    line = capsys.readouterr().out
+    assert "an outer loop of 100 steps takes about 3.1 h, the whole run of 1,300 steps about 39.7 h" in line
+    assert "a reduced-scale run (--train-examples 256 --inner-steps 10 --outer-steps 8) takes minutes" in line
+
+
+def test_a_terminal_gets_a_bar_and_short_outer_loops_get_nothing(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(progress.time, "perf_counter", clock)
+    stream = io.StringIO()
+    display = progress.Progress(config.Config(inner_steps=100, outer_steps=13), 2048, 0, stream, interactive=True)
+    display.begin_outer(1)
+    run_steps(display, clock, 5)
+    display.outer_done(20.0, 1)
+    assert "outer 1/13" in stream.getvalue() and "step" in stream.getvalue()  # tqdm's bar
+    quiet = io.StringIO()
+    display = progress.Progress(config.Config(inner_steps=10, outer_steps=3), 2048, 0, quiet, interactive=False)
+    display.begin_outer(1)
+    run_steps(display, clock, 10, first=1, each=0.01)  # an outer loop of a tenth of a second
+    assert quiet.getvalue() == ""
+
+
+def test_the_compiled_loop_is_estimated_from_its_second_outer_loop(capsys):
+    display = progress.Progress(config.Config(inner_steps=100, outer_steps=13), 172_800, 0, io.StringIO())
+    display.begin_outer(1)
+    display.outer_done(50.0, 1)  # compilation included: no estimate
+    assert capsys.readouterr().out == ""
+    display.begin_outer(2)
+    display.outer_done(18.4, 2)
+    assert "0.184 s per step" in capsys.readouterr().out and display.done == 200
