@@ -35,6 +35,7 @@ class Config:
     warmup_steps: int = 0
     inner_steps: int = 100
     outer_steps: int = 13
+    batch_size: int | None = None
     inner_loop: str = "auto"
     seed: int = 0
     dataset: str = "tfds"
@@ -74,8 +75,8 @@ class Config:
 # with two refinements there: outer_steps counts only when the schedule's shape depends on the run's
 # length, and a data folder counts by its contents, not by its path.
 RUN_DEFINITION = ("optimiser", "learning_rate", "weight_decay", "momentum", "epsilon", "schedule", "warmup_steps",
-                  "inner_steps", "outer_steps", "seed", "dataset", "data_dir", "synthetic_examples", "image_size",
-                  "train_examples", "no_augment", "channels", "dense", "initialiser", "dtype")
+                  "inner_steps", "outer_steps", "batch_size", "seed", "dataset", "data_dir", "synthetic_examples",
+                  "image_size", "train_examples", "no_augment", "channels", "dense", "initialiser", "dtype")
 # How it is computed, reported or kept: free to change on resume (other devices, hosts, conv formulation...).
 HOW_COMPUTED = ("inner_loop", "manual_dir", "conv", "remat_gelu", "microbatch", "target_accuracy", "stop_at_target",
                 "output_dir", "resume", "keep_checkpoints", "eval_test", "coordinator_address", "num_processes",
@@ -103,6 +104,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     add("--warmup-steps", type=int, default=default.warmup_steps, help="warmup steps of the warmup_* schedules")
     add("--inner-steps", type=int, default=default.inner_steps, help="update steps between validation checks")
     add("--outer-steps", type=int, default=default.outer_steps, help="validation checks (outer loops)")
+    add("--batch-size", type=int, default=None,
+        help="examples per step over all devices, each device drawing its share from its own shard without "
+             "replacement within an epoch (order fixed by seed, epoch and device); default: the whole augmented "
+             "training set every step, the experiment's batch")
     add("--inner-loop", choices=INNER_LOOPS, default=default.inner_loop,
         help="compiled: the inner steps as one program (fori_loop); python: a host loop of pmapped steps; "
              "auto: python on CPU, compiled elsewhere (measured, see README)")
@@ -184,6 +189,8 @@ def check(config: Config) -> None:
     if not 0 <= c.warmup_steps < c.inner_steps * c.outer_steps:
         raise UsageError(f"--warmup-steps must be in [0, total steps {c.inner_steps * c.outer_steps}), "
                          f"got {c.warmup_steps}")
+    if c.batch_size is not None and c.batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive (leave it out for the whole set), got {c.batch_size}")
     if c.microbatch < 0:
         raise UsageError(f"--microbatch must be >= 0 (0 = automatic), got {c.microbatch}")
     if not 0 < c.target_accuracy <= 1:

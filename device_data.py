@@ -4,6 +4,7 @@ there (it never leaves the devices again)."""
 from typing import NamedTuple
 
 import jax
+import numpy as np
 
 import augment
 import data
@@ -21,6 +22,7 @@ class Prepared(NamedTuple):
     num_classes: int
     val_local_count: int  # this process's validation examples (the first of its devices' slots)
     test: tuple | None = None  # (test_data, test_count) when --eval-test: loaded, and checked, before training
+    train_fewest_per_device: int = 0  # real training examples of the device holding the fewest, on any host
 
 
 def load_split(config, name: str, classes: int) -> data.Split:
@@ -45,6 +47,15 @@ def prepare_split(split: data.Split, name: str, augmented: bool):
         f"{padding} padding (masked out)" + (f", x{augment.NUM_TRANSFORMS} augmented = "
                                              f"{total * augment.NUM_TRANSFORMS} per step" if augmented else ""))
     return (images, labels, mask), total
+
+
+def fewest_real_per_device(mask) -> int:
+    """The smallest number of real examples any device of any process holds."""
+    local = int(np.asarray(jax.device_get(mask)).reshape(mask.shape[0], -1).sum(axis=1).min())
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+    return int(np.asarray(multihost_utils.process_allgather(np.int64(local))).min())
 
 
 def check_shapes(splits: dict[str, data.Split], augmented: bool) -> None:
@@ -75,4 +86,4 @@ def prepare(config) -> Prepared:
     test = prepare_split(splits["test"], "test", False) if config.eval_test else None
     stride = 1 if config.no_augment else augment.NUM_TRANSFORMS
     return Prepared(train_data, val_data, train_count, val_count, stride, classes, len(splits["validation"].labels),
-                    test)
+                    test, fewest_real_per_device(train_data[2]))

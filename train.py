@@ -19,6 +19,7 @@ import xla_setup  # noqa: F401  (must come before jax starts its backend)
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -73,8 +74,31 @@ def loss_sum(params, apply_fn, images, labels, mask):
     return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * mask)
 
 
-def loss_and_gradient(state, images, labels, mask, *, example_count, microbatch):
-    """The mean loss over the global batch and its gradient (this device holds a shard)."""
+def draw(images, labels, mask, step, seed, *, per_device_batch):
+    """This device's share of step `step`'s batch: `per_device_batch` of its real examples, drawn without
+    replacement within an epoch of its own, in an order fixed by (seed, epoch, device). Nothing but the
+    step number decides it, so a resumed run draws what the uninterrupted one would. The real examples
+    are a device's first slots (padding comes last) and are never fewer than the share (checked)."""
+    slots = mask.shape[0]
+    real = jnp.sum(mask > 0).astype(jnp.int32)
+    first = step * per_device_batch  # this device's draws before this step
+    positions = first + jnp.arange(per_device_batch)  # (per_device_batch,)
+    epoch = first // real  # a step spans at most two epochs, as the share is at most `real`
+
+    def order(e):  # a permutation of the real slots first, for epoch e
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), lax.axis_index(AXIS)), e)
+        return jnp.argsort(jnp.where(jnp.arange(slots) < real, jax.random.uniform(key, (slots,)), 2.0))
+    orders = jnp.stack([order(epoch), order(epoch + 1)])  # (2, slots)
+    index = orders[positions // real - epoch, positions % real]  # (per_device_batch,)
+    return images[index], labels[index], mask[index]
+
+
+def loss_and_gradient(state, images, labels, mask, *, example_count, microbatch, per_device_batch=0, seed=0):
+    """The mean loss over the global batch and its gradient (this device holds a shard). With
+    per_device_batch, the batch is drawn from the shard (`draw`); else it is the whole shard."""
+    if per_device_batch:
+        images, labels, mask = draw(images, labels, mask, state.step, seed, per_device_batch=per_device_batch)
+
     def loss_and_grads(x, y, m):
         return jax.value_and_grad(loss_sum)(state.params, state.apply_fn, x, y, m)
 
@@ -108,15 +132,17 @@ def observed_step(state, images, labels, mask, **step_kwargs):
     return new_state, loss, optimiser_statistics(grads, state.params, new_state.params)
 
 
-def step_agreeing_to_stop(state, images, labels, mask, stop_signal, **step_kwargs):
+def step_agreeing_to_stop(state, images, labels, mask, seed, stop_signal, **step_kwargs):
     """observed_step, plus the largest stop signal any process passed in: every process reads the same
     value after the same step, so all of them stop together."""
-    return *observed_step(state, images, labels, mask, **step_kwargs), lax.pmax(stop_signal, AXIS)
+    return *observed_step(state, images, labels, mask, seed=seed, **step_kwargs), lax.pmax(stop_signal, AXIS)
 
 
-def inner_loop(state, images, labels, mask, *, steps, **step_kwargs):
+def inner_loop(state, images, labels, mask, seed=0, *, steps, **step_kwargs):
     """`steps` updates as one program; returns the new state, the loss before the last update and what
     the optimiser did in the last update."""
+    step_kwargs["seed"] = seed
+
     def body(_, carry):
         return observed_step(carry[0], images, labels, mask, **step_kwargs)
     shapes = jax.eval_shape(lambda: observed_step(state, images, labels, mask, **step_kwargs)[2])
@@ -153,7 +179,7 @@ class Programs(NamedTuple):
 # Everything build_programs reads: runs equal in these (they may differ in rate, decay, momentum, seed...)
 # share one compiled program in a sweep.
 PROGRAM_FIELDS = ("optimiser", "schedule", "warmup_steps", "inner_steps", "outer_steps", "channels", "dense",
-                  "initialiser", "dtype", "conv", "remat_gelu", "microbatch", "inner_loop")
+                  "initialiser", "dtype", "conv", "remat_gelu", "microbatch", "inner_loop", "batch_size")
 
 
 def program_key(config) -> tuple:
@@ -168,14 +194,16 @@ def build_programs(config, prepared: Prepared) -> Programs:
                     choose_conv(config), config.initialiser, config.remat_gelu)
     optimiser = make_optimiser(config.optimiser, config.schedule, config.warmup_steps,
                                config.inner_steps * config.outer_steps)
-    microbatch = choose_microbatch(config, prepared.train_data[0].shape[1], image_shape[0])
-    step_kwargs = dict(example_count=float(prepared.train_count * prepared.stride), microbatch=microbatch)
+    per_device_batch = batch_share(config.batch_size, prepared)
+    microbatch = choose_microbatch(config, per_device_batch or prepared.train_data[0].shape[1], image_shape[0])
+    step_kwargs = dict(example_count=float(config.batch_size or prepared.train_count * prepared.stride),
+                       microbatch=microbatch, per_device_batch=per_device_batch)
     if inner_mode == "compiled":
         loop = jax.pmap(functools.partial(inner_loop, steps=config.inner_steps, **step_kwargs),
                         axis_name=AXIS, donate_argnums=0)
 
-        def inner(state, *batch, stop, on_step=None):  # one program: a stop request waits for its end
-            return loop(state, *batch)
+        def inner(state, *batch, seed, stop, on_step=None):  # one program: a stop request waits for its end
+            return loop(state, *batch, np.full(jax.local_device_count(), seed, np.int32))
     else:
         step = jax.pmap(functools.partial(step_agreeing_to_stop, **step_kwargs), axis_name=AXIS, donate_argnums=0)
         inner = functools.partial(python_inner_loop, step, config.inner_steps)
@@ -184,7 +212,25 @@ def build_programs(config, prepared: Prepared) -> Programs:
     return Programs(model, optimiser, inner, evaluate, inner_mode, microbatch, image_shape)
 
 
-def python_inner_loop(step, steps, state, *batch, stop: StopSignals, on_step=None):
+def batch_share(batch_size: int, prepared: Prepared) -> int:
+    """Each device's share of a --batch-size batch (0 for the whole set): it must split evenly over the
+    devices and fit every device's real examples (the last devices of a process may hold padding)."""
+    if not batch_size:
+        return 0
+    devices, whole = jax.device_count(), prepared.train_count * prepared.stride
+    if batch_size > whole:
+        raise UsageError(f"--batch-size {batch_size} is above the {whole:,} training examples of a step's whole set")
+    if batch_size % devices:
+        raise UsageError(f"--batch-size {batch_size} does not split over the {devices} devices: use a multiple of "
+                         f"{devices}")
+    share, fewest = batch_size // devices, prepared.train_fewest_per_device
+    if share > fewest:
+        raise UsageError(f"--batch-size {batch_size} draws {share} examples per device, but a device holds only "
+                         f"{fewest} real ones: use at most {fewest * devices}")
+    return share
+
+
+def python_inner_loop(step, steps, state, *batch, seed, stop: StopSignals, on_step=None):
     """The inner steps as a host loop of pmapped steps, or None when a stop signal came before they were
     all done (every process then stops after the same step). on_step() follows each finished step."""
     loss, statistics, agreed = None, None, None
@@ -192,7 +238,8 @@ def python_inner_loop(step, steps, state, *batch, stop: StopSignals, on_step=Non
         if jax.process_count() == 1 and stop.received:  # alone, no need to wait for an agreement
             stop.agreed = stop.received
             return None
-        state, next_loss, next_statistics, next_agreed = step(state, *batch, stop.flags())
+        seeds = np.full(jax.local_device_count(), seed, np.int32)
+        state, next_loss, next_statistics, next_agreed = step(state, *batch, seeds, stop.flags())
         if agreed is not None:
             if int(agreed[0]):  # waits for the step before: one step queued at most
                 next_loss.block_until_ready()  # every process launched this step; let it end everywhere
@@ -313,7 +360,8 @@ def outer_loops(config, prepared: Prepared, programs: Programs, checkpoints, res
     state, best_params, progress, metrics = start(config, prepared, programs, checkpoints, resumed, mirror)
     first_outer = progress["outer"] + 1
     started = time.perf_counter() - progress["elapsed_seconds"]
-    display = Progress(config, prepared.train_count * prepared.stride, progress["outer"] * config.inner_steps)
+    step_examples = config.batch_size or prepared.train_count * prepared.stride
+    display = Progress(config, step_examples, progress["outer"] * config.inner_steps)
     with metrics:
         while not checkpoint.finished(config, progress):
             outer = progress["outer"] + 1
@@ -321,7 +369,7 @@ def outer_loops(config, prepared: Prepared, programs: Programs, checkpoints, res
                 raise Interrupted.during_run(stop.agreed, outer, progress["outer"], config.output_dir)
             tick = time.perf_counter()
             display.begin_outer(outer)
-            done = programs.inner(state, *prepared.train_data, stop=stop, on_step=display.step)
+            done = programs.inner(state, *prepared.train_data, seed=config.seed, stop=stop, on_step=display.step)
             if done is None:  # a stop signal came mid-loop: its steps are dropped, the checkpoint stands
                 raise Interrupted.during_run(stop.agreed, outer, progress["outer"], config.output_dir)
             state, loss, statistics = done
@@ -360,8 +408,9 @@ def evaluate(config, prepared: Prepared, programs: Programs, state, loss: float,
                        f"outer loop {outer} (step {outer * config.inner_steps}); last finite loss {progress['loss']}; "
                        + (f"best validation accuracy {best['validation_accuracy']:.4f} at outer {best['outer']} "
                           "(kept)" if best["outer"] else "no validation before it"))
-    step_examples = prepared.train_count * prepared.stride
-    return {"outer": outer, "step": outer * config.inner_steps, "loss": loss,
+    step_examples = config.batch_size or prepared.train_count * prepared.stride
+    return {"outer": outer, "step": outer * config.inner_steps, "examples_seen": outer * config.inner_steps
+            * step_examples, "loss": loss,
             "train_accuracy": train_correct / prepared.train_count,
             "validation_accuracy": val_correct / prepared.val_count, "inner_seconds": inner_seconds,
             "images_per_second": step_examples * config.inner_steps / inner_seconds,

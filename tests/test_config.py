@@ -60,10 +60,10 @@ def test_a_config_is_frozen_and_resolves_the_optimisers_default_rate():
 
 # A different value for every field of the config (a new field must be added here).
 CHANGED = {"optimiser": "adam", "learning_rate": 0.5, "weight_decay": 0.1, "momentum": 0.5, "epsilon": 1e-3,
-           "schedule": "warmup_linear", "warmup_steps": 2, "inner_steps": 7, "outer_steps": 9, "inner_loop": "compiled",
-           "seed": 1, "dataset": "tfds", "data_dir": "elsewhere", "manual_dir": "zips", "synthetic_examples": 99,
-           "image_size": 32, "train_examples": 10, "no_augment": True, "channels": (4,), "dense": 3,
-           "initialiser": "haiku", "dtype": "bfloat16", "conv": "xla", "remat_gelu": True, "microbatch": 5,
+           "schedule": "warmup_linear", "warmup_steps": 2, "inner_steps": 7, "outer_steps": 9, "batch_size": 64,
+           "inner_loop": "compiled", "seed": 1, "dataset": "tfds", "data_dir": "elsewhere", "manual_dir": "zips",
+           "synthetic_examples": 99, "image_size": 32, "train_examples": 10, "no_augment": True, "channels": (4,),
+           "dense": 3, "initialiser": "haiku", "dtype": "bfloat16", "conv": "xla", "remat_gelu": True, "microbatch": 5,
            "target_accuracy": 0.5, "stop_at_target": True, "output_dir": "out", "resume": True, "keep_checkpoints": 5,
            "eval_test": True, "coordinator_address": "h:1", "num_processes": 2, "process_id": 1,
            "distributed_timeout": 9}

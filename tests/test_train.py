@@ -77,7 +77,7 @@ def test_the_step_train_py_builds_moves_by_the_mean_gradient_over_all_eight_form
     state = optimisers.with_hyperparams(optimisers.create_state(programs.model, programs.optimiser, 0, (8, 8, 3)), c)
     state = flax.jax_utils.replicate(state.replace(params=params))
     no_signal = SimpleNamespace(received=None, flags=lambda: np.zeros(jax.local_device_count(), np.int32))
-    new_state, loss, statistics = programs.inner(state, *train_data, stop=no_signal)
+    new_state, loss, statistics = programs.inner(state, *train_data, seed=0, stop=no_signal)
     forms = np.stack([np.rot90(np.fliplr(image) if t >= 4 else image, k=t % 4)
                       for image in split.images for t in range(8)])  # (104, 8, 8, 3)
     augmented = data.Split(forms, np.repeat(split.labels, 8))
