@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import itertools
 import json
+import math
 import os
 import statistics
 from typing import NamedTuple
@@ -35,10 +36,10 @@ from stopping import StopSignals
 # A sweep's list flag for each train.py flag it varies: the single-value form would be overwritten by the grid.
 SWEPT = {"--optimiser": "--optimisers", "--learning-rate": "--learning-rates (or --lamb-rates, ...)",
          "--seed": "--seeds", "--weight-decay": "--weight-decays", "--momentum": "--momenta",
-         "--epsilon": "--epsilons (or --lamb-epsilons, --adam-epsilons)"}
+         "--epsilon": "--epsilons (or --lamb-epsilons, --adam-epsilons)", "--batch-size": "--batch-sizes"}
 WITH_EPSILON = ("lamb", "adam")
-COLUMNS = ["rank", "run", "optimiser", "learning_rate", "weight_decay", "momentum", "epsilon", "seed", "schedule",
-           "status",
+COLUMNS = ["rank", "run", "optimiser", "learning_rate", "weight_decay", "momentum", "epsilon", "batch_size", "seed",
+           "schedule", "status", "target_images",
            "best_validation_accuracy", "best_outer", "best_step", "target_step", "target_seconds", "final_loss"]
 
 
@@ -61,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--epsilons", default=None, help="for lamb and adam, comma separated (default: each one's own)")
     for name in WITH_EPSILON:
         p.add_argument(f"--{name}-epsilons", help=f"epsilons for {name} only, instead of --epsilons")
+    p.add_argument("--batch-sizes", default=None,
+                   help="global batch sizes, comma separated (default: the whole set only); each batch size B runs "
+                        "--inner-steps x (largest / B) steps per outer loop, so every outer loop sees as many images")
     p.add_argument("--output-dir", required=True, help="one folder per run, and the leaderboard")
     p.error = lambda message: fail(f"{message} (see sweep.py --help)", "sweep.py")
     sweep, fixed = p.parse_known_args(argv)
@@ -74,6 +78,7 @@ def parse_args(argv=None):
                 "seeds": [int(v) for v in sweep.seeds.split(",")],
                 "weight_decays": [float(v) for v in sweep.weight_decays.split(",")],
                 "momenta": [float(v) for v in sweep.momenta.split(",")],
+                "batch_sizes": [int(v) for v in sweep.batch_sizes.split(",")] if sweep.batch_sizes else [None],
                 "epsilons": {name: [float(v) for v in epsilons.split(",")] if epsilons else [None]
                              for name in OPTIMISERS
                              for epsilons in [getattr(sweep, f"{name}_epsilons", None) or sweep.epsilons]}}
@@ -91,13 +96,15 @@ def grid_points(grid, base: Config) -> list[Point]:
     points = []
     for optimiser in grid["optimisers"]:
         epsilons = grid["epsilons"][optimiser] if optimiser in WITH_EPSILON else [None]
-        for rate, seed, coefficient, epsilon in itertools.product(
-                grid["learning_rates"][optimiser], grid["seeds"],
+        largest = max(b or 0 for b in grid["batch_sizes"])
+        for batch, rate, seed, coefficient, epsilon in itertools.product(
+                grid["batch_sizes"], grid["learning_rates"][optimiser], grid["seeds"],
                 grid["momenta"] if optimiser == "sgd" else grid["weight_decays"], epsilons):
             swept = {"momentum": coefficient, "weight_decay": 0.0} if optimiser == "sgd" else {
                 "weight_decay": coefficient}
-            config = dataclasses.replace(base, optimiser=optimiser, learning_rate=rate, seed=seed,
-                                         epsilon=epsilon or DEFAULT_EPSILONS[optimiser], **swept)
+            inner = base.inner_steps * largest // batch if batch else base.inner_steps  # as many images per outer
+            config = dataclasses.replace(base, optimiser=optimiser, learning_rate=rate, seed=seed, batch_size=batch,
+                                         inner_steps=inner, epsilon=epsilon or DEFAULT_EPSILONS[optimiser], **swept)
             points.append(at_home(config, base.output_dir))
     return points
 
@@ -106,7 +113,8 @@ def run_name(config: Config) -> str:
     """A run's folder name: the values a sweep varies (epsilon only when not the optimiser's default)."""
     detail = f"m{config.momentum:g}" if config.optimiser == "sgd" else f"wd{config.weight_decay:g}"
     epsilon = "" if config.epsilon == DEFAULT_EPSILONS[config.optimiser] else f"-eps{config.epsilon:g}"
-    return f"{config.optimiser}-lr{config.learning_rate:g}-{detail}{epsilon}-{config.schedule}-s{config.seed}"
+    batch = f"-b{config.batch_size}" if config.batch_size else ""
+    return f"{config.optimiser}-lr{config.learning_rate:g}-{detail}{epsilon}{batch}-{config.schedule}-s{config.seed}"
 
 
 def at_home(config: Config, output_dir: str) -> Point:
@@ -147,7 +155,9 @@ def leaderboard_rows(points):
         best = max(records, key=lambda r: r["validation_accuracy"], default=None)
         status = "diverged" if end.get("diverged") else "crashed" if end.get("crashed") else "ok"
         target = (end.get("summary") or {}).get("target") or {}
-        rows.append({"run": name, "optimiser": c.optimiser, "learning_rate": c.learning_rate,
+        batch = c.batch_size or header.get("examples_per_step", "")
+        rows.append({"run": name, "optimiser": c.optimiser, "learning_rate": c.learning_rate, "batch_size": batch,
+                     "target_images": target["step"] * batch if target and batch else "",
                      "weight_decay": c.weight_decay if c.optimiser != "sgd" else "",
                      "momentum": c.momentum if c.optimiser == "sgd" else "",
                      "epsilon": c.epsilon if c.optimiser in WITH_EPSILON else "", "seed": c.seed,
@@ -183,6 +193,23 @@ def optimiser_summary(rows):
     return sorted(summary, key=lambda s: -s["median_over_seeds"])
 
 
+def batch_summary(rows):
+    """Per optimiser and batch size: the rate whose median steps to the target (over seeds; a seed that
+    did not reach it counts as never) is smallest, with those median steps and images."""
+    groups = {}
+    for r in rows:
+        steps = r["target_step"] if r["target_step"] != "" else math.inf
+        groups.setdefault((r["optimiser"], r["batch_size"], r["learning_rate"]), []).append(steps)
+    best = {}
+    for (optimiser, batch, rate), steps in groups.items():
+        median = statistics.median(steps)
+        if (optimiser, batch) not in best or median < best[optimiser, batch]["median_steps"]:
+            best[optimiser, batch] = {"optimiser": optimiser, "batch_size": batch, "learning_rate": rate,
+                                      "median_steps": median, "median_images": median * batch,
+                                      "reached": sum(math.isfinite(s) for s in steps), "seeds": len(steps)}
+    return [best[key] for key in sorted(best)]
+
+
 def write_leaderboard(output_dir, rows, summary, target):
     with open(os.path.join(output_dir, "leaderboard.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
@@ -198,6 +225,15 @@ def write_leaderboard(output_dir, rows, summary, target):
     for s in summary:
         lines.append(f"| {s['optimiser']} | {s['best']:.4f} | {s['best_setting']} | {s['median_over_seeds']:.4f} "
                      f"| {s['spread']:.4f} | {s['seeds']} |")
+    batches = batch_summary(rows)
+    if len({b["batch_size"] for b in batches}) > 1:
+        lines += ["", f"## Steps to the target ({target}) against batch size", "",
+                  "| optimiser | batch size | best rate | median steps | median images | seeds reaching it |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {b['optimiser']} | {b['batch_size']} | {b['learning_rate']:g} | "
+                  + (f"{b['median_steps']:g} | {b['median_images']:,.0f}" if math.isfinite(b["median_steps"])
+                     else "not reached | not reached") + f" | {b['reached']}/{b['seeds']} |" for b in batches]
+        lines += ["", "![steps and images to the target against batch size](steps_vs_batch.png)"]
     lines += ["", "![validation accuracy against step](curves.png)", "",
               "![best validation accuracy against learning rate](accuracy_vs_rate.png)", ""]
     with open(os.path.join(output_dir, "leaderboard.md"), "w") as f:
@@ -237,6 +273,34 @@ def write_plots(output_dir, rows):
     axes.legend()
     axes.grid(alpha=0.3)
     figure.savefig(os.path.join(output_dir, "accuracy_vs_rate.png"), dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    batches = [b for b in batch_summary(rows) if math.isfinite(b["median_steps"])]
+    if len({b["batch_size"] for b in batch_summary(rows)}) > 1:
+        write_batch_plot(os.path.join(output_dir, "steps_vs_batch.png"), batches, colours, plt)
+
+
+def write_batch_plot(path, batches, colours, plt):
+    """Log-log: steps to the target against batch size per optimiser (each point its best rate), with
+    perfect scaling (twice the batch, half the steps) through each optimiser's smallest batch; and the
+    images to the target, which stay flat while scaling is perfect."""
+    figure, (steps, images) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, colour in colours.items():
+        mine = sorted((b for b in batches if b["optimiser"] == name), key=lambda b: b["batch_size"])
+        if not mine:
+            continue
+        sizes = [b["batch_size"] for b in mine]
+        steps.plot(sizes, [b["median_steps"] for b in mine], "o-", color=colour, label=name)
+        steps.plot(sizes, [mine[0]["median_steps"] * sizes[0] / s for s in sizes], ":", color=colour,
+                   label=f"{name}, perfect scaling")
+        images.plot(sizes, [b["median_images"] for b in mine], "o-", color=colour, label=name)
+    steps.set(xscale="log", yscale="log", xlabel="batch size", ylabel="median steps to the target",
+              title="steps to the target (best rate per point)")
+    images.set(xscale="log", yscale="log", xlabel="batch size", ylabel="median images to the target",
+               title="images to the target")
+    for axes in (steps, images):
+        axes.legend()
+        axes.grid(alpha=0.3, which="both")
+    figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)
 
 

@@ -66,3 +66,29 @@ def test_a_run_with_drawn_batches_counts_its_examples_and_resumes_to_the_uninter
     keys = ("loss", "train_accuracy", "validation_correct", "gradient_norm")
     assert [{k: r[k] for k in keys} for r in parts] == [{k: r[k] for k in keys} for r in whole]
     assert whole[-1]["loss"] < whole[0]["loss"]
+
+
+def test_a_sweep_over_batch_sizes_gives_steps_and_images_to_the_target_and_plots_them(tmp_path):
+    import sweep
+    out = tmp_path / "sweep"
+    rows, _ = sweep.run_sweep(*sweep.parse_args([
+        "--optimisers", "adam", "--learning-rates", "0.01,0.03", "--batch-sizes", "64,256", "--output-dir", str(out),
+        *SMALL, "--synthetic-examples", "300", "--inner-steps", "2", "--outer-steps", "6", "--target-accuracy", "0.3",
+        "--stop-at-target"]))
+    names = {r["run"] for r in rows}
+    assert names == {f"adam-lr{rate}-wd0-b{b}-constant-s0" for rate in ("0.01", "0.03") for b in (64, 256)}
+    for r in rows:  # each batch size sees as many images per outer loop: 2 steps of 256, 8 of 64
+        header, records, _ = read_metrics(out / r["run"])
+        assert header["config"]["inner_steps"] == (8 if r["batch_size"] == 64 else 2)
+        assert all(rec["examples_seen"] == 512 * rec["outer"] for rec in records)
+        if r["target_step"] != "":
+            first = next(rec for rec in records if rec["validation_accuracy"] >= 0.3)
+            assert r["target_step"] == first["step"] and r["target_images"] == first["step"] * r["batch_size"]
+    best = {(b["optimiser"], b["batch_size"]): b for b in sweep.batch_summary(rows)}
+    for batch in (64, 256):
+        mine = [r for r in rows if r["batch_size"] == batch and r["target_step"] != ""]
+        fewest = min((r["target_step"] for r in mine), default=None)
+        assert best["adam", batch]["median_steps"] == (fewest if fewest is not None else float("inf"))
+    text = (out / "leaderboard.md").read_text()
+    assert "## Steps to the target (0.3) against batch size" in text and "| adam | 64 |" in text
+    assert (out / "steps_vs_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
