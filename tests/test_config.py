@@ -90,3 +90,12 @@ def test_a_resume_is_refused_on_a_change_of_any_field_that_defines_the_run_and_o
     assert checkpoint.differences(saved, config.Config(dataset="folder", data_dir=str(folders[0]) + "/")) == []
     assert checkpoint.differences(saved, config.Config(dataset="folder", data_dir=str(folders[1])))[0].startswith(
         "--data-dir '6 images, sha256 ")
+
+
+def test_the_target_counts_as_reached_at_exactly_its_accuracy():
+    import checkpoint
+    history = [{"outer": 1, "step": 10, "validation_accuracy": 0.9, "train_seconds": 1.0, "elapsed_seconds": 2.0},
+               {"outer": 2, "step": 20, "validation_accuracy": 0.95, "train_seconds": 2.0, "elapsed_seconds": 4.0}]
+    assert checkpoint.target_reached(history, 0.95) == {"outer": 2, "step": 20, "train_seconds": 2.0,
+                                                        "elapsed_seconds": 4.0}
+    assert checkpoint.target_reached(history, 0.96) is None

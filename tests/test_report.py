@@ -98,3 +98,20 @@ def test_a_study_pack_gives_every_image_accuracy_with_an_interval_and_the_blogs_
         in text
     assert "| lamb-lr0.02 | 2 | 0.6667 | 0.649 - 0.684 | 0.00 | not reached | not reached | 2,000,000 | ok |" in text
     assert "| lamb | 0.01, 0.02 | lamb-lr0.01 (lowest tried: not bracketed) | 0.8000 |" in text
+
+
+def test_a_pack_is_read_as_each_run_s_own_metrics_file_would_be_after_a_resume(tmp_path):
+    from metrics import Pack, read_pack
+    pack = Pack(str(tmp_path / "p.study.jsonl"))
+    write = pack.writer("run")
+    header = {"config": {"outer_steps": 3}}
+    for line in [header, {"outer": 1, "loss": 3.0}, {"outer": 2, "loss": 2.0}, {"outer": 3, "loss": 1.0},
+                 {"summary": {"x": 1}}]:
+        write(line)
+    resumed = {"resumed_after_outer": 2, "config": {"outer_steps": 4}}
+    for line in [resumed, {"outer": 3, "loss": 0.9}, {"outer": 4, "loss": 0.8}]:
+        write(line)
+    pack.writer(None)({"study": {}})
+    assert read_pack(str(tmp_path / "p.study.jsonl")) == {"run": [
+        header, {"outer": 1, "loss": 3.0}, {"outer": 2, "loss": 2.0}, resumed, {"outer": 3, "loss": 0.9},
+        {"outer": 4, "loss": 0.8}]}

@@ -8,7 +8,7 @@ import study
 from helpers import SMALL, read_metrics
 from metrics import read_pack
 
-FIXED = [*SMALL, "--synthetic-examples", "300", "--inner-steps", "2", "--outer-steps", "2"]
+FIXED = [*SMALL, "--synthetic-examples", "300", "--inner-steps", "4", "--outer-steps", "3"]
 
 
 def test_a_study_runs_its_plan_in_order_packs_every_line_and_skips_what_the_budget_cannot_fit(tmp_path, monkeypatch):
@@ -27,7 +27,8 @@ def test_a_study_runs_its_plan_in_order_packs_every_line_and_skips_what_the_budg
     for name, lines in packed.items():  # the pack holds exactly what each run's own metrics.jsonl holds
         with open(tmp_path / "runs" / name / "metrics.jsonl") as f:
             assert lines == [json.loads(line) for line in f]
-        assert lines[0]["config"]["warmup_steps"] == 0 or lines[0]["config"]["schedule"] == "warmup_cosine"
+        assert lines[0]["config"]["schedule"] == "warmup_cosine"
+        assert lines[0]["config"]["warmup_steps"] == 1  # a tenth of the whole run's 12 steps
     # Run again with no budget: the finished runs are not redone, the new ones do not fit.
     outcome = study.run_study(*study.parse_args([*argv, "--budget-seconds", "0"]))
     assert outcome["ran"] == [] and outcome["skipped"] == []

@@ -123,3 +123,12 @@ def test_a_stop_signal_during_a_runs_last_outer_loop_stops_the_sweep_before_its_
                                                "from there")
     assert read_metrics(first.parent)[2] is not None  # the first run finished its one outer loop
     assert not (out / "lamb-lr0.01-wd0-constant-s1").exists()
+
+
+def test_the_per_optimiser_summary_takes_the_median_over_seeds():
+    rows = [{"optimiser": "adam", "learning_rate": rate, "weight_decay": 0.0, "momentum": "", "epsilon": 1e-8,
+             "best_validation_accuracy": accuracy}
+            for rate, accuracies in [(0.01, [0.2, 0.9, 0.3]), (0.003, [0.5, 0.6, 0.55])] for accuracy in accuracies]
+    (summary,) = sweep.optimiser_summary(rows)
+    assert summary["best_setting"].startswith("lr 0.003") and summary["median_over_seeds"] == 0.55
+    assert summary["best"] == 0.9 and abs(summary["spread"] - 0.1) < 1e-12 and summary["seeds"] == 3

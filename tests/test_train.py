@@ -131,6 +131,8 @@ def test_end_to_end_synthetic_run_learns_and_writes_metrics_and_params(tmp_path)
     assert header["flax"] == flax.__version__ and header["optax"] == optax.__version__ and header["device_kind"]
     assert re.fullmatch("[0-9a-f]{40}", header["git_commit"] or "0" * 40)
     assert [r["learning_rate"] for r in records] == [0.05] * 5 and all(r["update_norm"] > 0 for r in records)
+    for r in records:  # the whole augmented set each step
+        assert r["images_per_second"] == 3200 * 10 / r["inner_seconds"] and r["examples_seen"] == 3200 * r["step"]
     # Validation accuracy falls at the end, so the best params are not the last ones.
     assert summary["best"]["outer"] < 5 and records[-1]["validation_accuracy"] < summary["best"]["validation_accuracy"]
     model = ConvNet(channels=(8, 16), dense=16)
@@ -152,6 +154,13 @@ def test_end_to_end_synthetic_run_learns_and_writes_metrics_and_params(tmp_path)
     np.testing.assert_array_equal(unpack_bits(best["validation_correct"], 50),
                                   predictions == splits["validation"].labels)
     assert header["validation_ids"] == [f"synthetic/{i}" for i in range(400, 450)]
+    # Run again, finished: nothing is trained or written, and the test accuracy is again the best params'.
+    before = (out / "metrics.jsonl").read_text()
+    again = run_train([*SMALL, "--synthetic-examples", "500", "--inner-steps", "10", "--outer-steps", "5",
+                       "--optimiser", "adam", "--learning-rate", "0.05", "--output-dir", str(out), "--eval-test"])
+    assert "finished earlier" in again.stdout and (out / "metrics.jsonl").read_text() == before
+    assert f"test accuracy of the best params (outer {summary['best']['outer']}): {summary['test_accuracy']:.4f}" \
+        in again.stdout
 
 
 def test_compiled_and_python_inner_loops_agree(tmp_path):
