@@ -274,9 +274,33 @@ def write_plots(output_dir, rows):
     axes.grid(alpha=0.3)
     figure.savefig(os.path.join(output_dir, "accuracy_vs_rate.png"), dpi=100, bbox_inches="tight")
     plt.close(figure)
+    if len({r["epsilon"] for r in rows if r["epsilon"] != ""}) > 1:
+        write_epsilon_plot(os.path.join(output_dir, "accuracy_vs_epsilon.png"), rows, colours, plt)
     batches = [b for b in batch_summary(rows) if math.isfinite(b["median_steps"])]
     if len({b["batch_size"] for b in batch_summary(rows)}) > 1:
         write_batch_plot(os.path.join(output_dir, "steps_vs_batch.png"), batches, colours, plt)
+
+
+def write_epsilon_plot(path, rows, colours, plt):
+    """Best validation accuracy against epsilon (log), a line per optimiser and rate through the medians
+    over seeds, every seed a point."""
+    figure, axes = plt.subplots(figsize=(8, 5))
+    styles = ["-", "--", "-.", ":"]
+    for name, colour in colours.items():
+        rates = sorted({r["learning_rate"] for r in rows if r["optimiser"] == name and r["epsilon"] != ""})
+        for rate, style in zip(rates, styles):
+            mine = [r for r in rows if r["optimiser"] == name and r["learning_rate"] == rate]
+            epsilons = sorted({r["epsilon"] for r in mine})
+            axes.scatter([r["epsilon"] for r in mine], [r["best_validation_accuracy"] for r in mine], color=colour,
+                         alpha=0.5, s=15)
+            axes.plot(epsilons, [statistics.median(r["best_validation_accuracy"] for r in mine if r["epsilon"] == e)
+                                 for e in epsilons], style, color=colour, label=f"{name} lr {rate:g} (median)")
+    axes.set(xscale="log", xlabel="epsilon", ylabel="best validation accuracy",
+             title="best validation accuracy against epsilon (points: seeds)")
+    axes.legend()
+    axes.grid(alpha=0.3, which="both")
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
 
 
 def write_batch_plot(path, batches, colours, plt):

@@ -72,6 +72,7 @@ def test_every_run_of_a_mixed_sweep_equals_the_same_run_through_train_py_with_on
     losses = [[r["loss"] for r in read_metrics(tmp_path / "sweep" / name)[1]] for name in (
         "lamb-lr0.01-wd0.01-warmup_cosine-s1", "lamb-lr0.01-wd0.01-eps0.001-warmup_cosine-s1")]
     assert losses[0] != losses[1]  # the epsilon reached the step
+    assert (tmp_path / "sweep" / "accuracy_vs_epsilon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_each_optimiser_may_have_its_own_rates(tmp_path):
