@@ -22,6 +22,7 @@ from metrics import read_pack, unpack_bits
 SWEEP, TUNING, LONGER, FINAL = "cpu-sweep-256x8", "cpu-tuning-256x8", "cpu-longer-256x8", "cpu-final-256x8"
 FULL_SCALE = "h100-lamb-bf16-fullscale"
 STUDY = "gpu-study"  # study.py's pack (and bench JSON) from a lent accelerator
+EPSILON, BATCH = "cpu-epsilon-256x8", "cpu-batch-256x8"
 THRESHOLDS = (0.5, 0.9, 0.95)
 
 
@@ -313,6 +314,78 @@ def study_block(runs: list[dict], folder: str) -> list[str]:
     return lines
 
 
+def epsilon_block(runs: list[dict], folder: str) -> tuple[list[str], dict]:
+    """LAMB's (and Adam's) epsilon at reduced scale: per optimiser, rate and epsilon, the median best
+    validation accuracy over seeds with its range."""
+    groups = {}
+    for run in runs:
+        c = run["config"]
+        groups.setdefault((c["optimiser"], c["learning_rate"], c["epsilon"]), []).append(run["best"])
+    first = runs[0]
+    rates = {o: sorted({k[1] for k in groups if k[0] == o}) for o in sorted({k[0] for k in groups})}
+    epsilons = {o: sorted({k[2] for k in groups if k[0] == o}, reverse=True) for o in rates}
+    seeds = sorted({r["config"]["seed"] for r in runs})
+    lines = [f"Scale: {scale_text(first)}; seeds {', '.join(map(str, seeds))}; {device_text(first, folder)}.", "",
+             "```", command_text(first, "sweep.py", f"--optimisers {','.join(rates)} " + " ".join(
+                 f"--{o}-rates {','.join(f'{r:g}' for r in rates[o])} --{o}-epsilons "
+                 f"{','.join(f'{e:g}' for e in epsilons[o])}" for o in rates)
+                 + f" --seeds {','.join(map(str, seeds))} --output-dir runs/epsilon"), "```", ""]
+    rows, best = [], {}
+    for (optimiser, rate, epsilon), scores in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1],
+                                                                                       -item[0][2])):
+        median = statistics.median(scores)
+        rows.append([optimiser, f"{rate:g}", f"{epsilon:g}", f"{median:.4f}", f"{min(scores):.4f} - {max(scores):.4f}",
+                     len(scores)])
+        if median > best.get(optimiser, (None, -1))[1]:
+            best[optimiser] = ((rate, epsilon), median)
+    lines.append(table(["optimiser", "rate", "epsilon", "median best val. acc.", "min - max over seeds", "seeds"],
+                       rows))
+    lines += ["", "Best per optimiser (by median): " + "; ".join(
+        f"{o} lr {key[0]:g} epsilon {key[1]:g} ({median:.4f})" for o, (key, median) in sorted(best.items())) + ".",
+              "", f"![best validation accuracy against epsilon]({folder}/accuracy_vs_epsilon.png)"]
+    return lines, best
+
+
+def batch_block(runs: list[dict], folder: str) -> list[str]:
+    """Steps and images to the target against batch size (each point the best rate's median over seeds)."""
+    first = runs[0]
+    target = first["config"]["target_accuracy"]
+    groups = {}
+    for run in runs:
+        c = run["config"]
+        step = first_step(run, target)
+        groups.setdefault((c["optimiser"], c["batch_size"], c["learning_rate"]), []).append(
+            step if step is not None else math.inf)
+    best = {}
+    for (optimiser, batch, rate), steps in groups.items():
+        median = statistics.median(steps)
+        if (optimiser, batch) not in best or median < best[optimiser, batch][1]:
+            best[optimiser, batch] = (rate, median, sum(math.isfinite(s) for s in steps), len(steps))
+    optimisers = sorted({k[0] for k in groups})
+    batches = sorted({k[1] for k in groups})
+    seeds = sorted({r["config"]["seed"] for r in runs})
+    largest_inner = min(r["config"]["inner_steps"] for r in runs)
+    lines = [f"Scale: {first['header']['train_examples']} training images x 8 = {max(batches):,} images, the "
+             f"largest batch; {first['header']['validation_examples']:,} validation images; target {target}; seeds "
+             f"{', '.join(map(str, seeds))}; {device_text(first, folder)}.", "", "```",
+             command_text(first, "sweep.py", f"--optimisers {','.join(optimisers)} " + " ".join(
+                 f"--{o}-rates {','.join(f'{r:g}' for r in sorted({k[2] for k in groups if k[0] == o}))}"
+                 for o in optimisers) + f" --batch-sizes {','.join(map(str, batches))} --seeds "
+                 f"{','.join(map(str, seeds))} --stop-at-target --output-dir runs/batch").replace(
+                 f"--inner-steps {first['config']['inner_steps']}", f"--inner-steps {largest_inner}"), "```", ""]
+    rows = []
+    for optimiser in optimisers:
+        for batch in batches:
+            rate, median, reached, total = best[optimiser, batch]
+            rows.append([optimiser, f"{batch:,}", f"{rate:g}", f"{median:g}" if math.isfinite(median) else
+                         "not reached", f"{median * batch:,.0f}" if math.isfinite(median) else "not reached",
+                         f"{reached}/{total}"])
+    lines.append(table(["optimiser", "batch size", "best rate", "median steps to target", "median images to target",
+                        "seeds reaching it"], rows))
+    lines += ["", f"![steps and images to the target against batch size]({folder}/steps_vs_batch.png)"]
+    return lines
+
+
 def findings_block(facts: dict, tuned: dict | None, longer: list[dict] | None, full_runs: list[dict]) -> list[str]:
     """The comparisons the reading of RESULTS.md rests on, computed; the reading itself is written by hand."""
     ranking, best_of = facts["ranking"], facts["best_of"]
@@ -383,6 +456,13 @@ def blocks(root: str) -> dict[str, tuple[str, list[str]]]:
     full_runs = load_runs(os.path.join(root, FULL_SCALE))
     if full_runs:
         made["full-scale"] = ("5. Full scale on a GPU", full_scale_block(full_runs, f"{root}/{FULL_SCALE}"))
+    epsilon_runs = load_runs(os.path.join(root, EPSILON))
+    if epsilon_runs:
+        made["epsilon"] = ("LAMB's epsilon (reduced scale)", epsilon_block(epsilon_runs, f"{root}/{EPSILON}")[0])
+    batch_runs = load_runs(os.path.join(root, BATCH))
+    if batch_runs:
+        made["batch"] = ("Steps to the target against batch size (reduced scale)",
+                         batch_block(batch_runs, f"{root}/{BATCH}"))
     study_runs = load_runs(os.path.join(root, STUDY))
     if study_runs:
         made["study"] = ("6. The full-scale study", study_block(study_runs, f"{root}/{STUDY}"))

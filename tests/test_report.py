@@ -115,3 +115,42 @@ def test_a_pack_is_read_as_each_run_s_own_metrics_file_would_be_after_a_resume(t
     assert read_pack(str(tmp_path / "p.study.jsonl")) == {"run": [
         header, {"outer": 1, "loss": 3.0}, {"outer": 2, "loss": 2.0}, resumed, {"outer": 3, "loss": 0.9},
         {"outer": 4, "loss": 0.8}]}
+
+
+def test_the_epsilon_and_batch_size_blocks(tmp_path):
+    results = tmp_path / "results"
+    write_run(results / report.SWEEP, "lamb-s0", "lamb", 0.01, 0, [0.3, 0.5])
+    for rate in (0.003, 0.01):
+        for epsilon, base in ((1e-6, 0.50), (3.125e-8, 0.53)):
+            for seed in (0, 1):
+                name = f"lamb-{rate}-{epsilon}-{seed}"
+                write_run(results / report.EPSILON, name, "lamb", rate, seed, [0.3, base + rate + seed / 100])
+                patch_config(results / report.EPSILON / name, epsilon=epsilon)
+    # Steps to 0.5 per (rate, batch, seed): the best rate per batch is the one with the fewest median steps.
+    for rate, batch, seed, curve in [(0.01, 64, 0, [0.2, 0.4, 0.5]), (0.01, 64, 1, [0.2, 0.5, 0.5]),
+                                     (0.03, 64, 0, [0.5, 0.6, 0.6]), (0.03, 64, 1, [0.2, 0.2, 0.2]),
+                                     (0.01, 256, 0, [0.5, 0.5, 0.5]), (0.01, 256, 1, [0.5, 0.5, 0.5])]:
+        name = f"adam-{rate}-b{batch}-s{seed}"
+        write_run(results / report.BATCH, name, "adam", rate, seed, curve)
+        patch_config(results / report.BATCH / name, batch_size=batch, inner_steps=10 * 256 // batch)
+    report.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md")])
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| lamb | 0.01 | 3.125e-08 | 0.5450 | 0.5400 - 0.5500 | 2 |" in text
+    assert "| lamb | 0.003 | 1e-06 | 0.5080 | 0.5030 - 0.5130 | 2 |" in text
+    assert "Best per optimiser (by median): lamb lr 0.01 epsilon 3.125e-08 (0.5450)." in text
+    # Batch 64 runs 40 steps per outer loop: rate 0.01 reaches 0.5 at steps 120 and 80 (median 100, 6,400
+    # images), 0.03 at 40 and never (median never). Batch 256: 10 steps per outer loop, at once.
+    assert "| adam | 64 | 0.01 | 100 | 6,400 | 2/2 |" in text and "| adam | 256 | 0.01 | 10 | 2,560 | 2/2 |" in text
+    assert "--batch-sizes 64,256" in text and "--inner-steps 10 " in text
+
+
+def patch_config(folder, **changes):
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    header = json.loads(lines[0])
+    header["config"].update(changes)
+    steps = header["config"]["inner_steps"]
+    records = [json.loads(line) for line in lines[1:]]
+    for r in records:
+        if "outer" in r:
+            r["step"] = r["outer"] * steps
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in [header, *records]) + "\n")
