@@ -24,7 +24,6 @@ import time
 
 import xla_setup  # noqa: F401  (must come before jax starts its backend)
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,27 +121,50 @@ def reference_step(state, images, labels):
     return state.apply_gradients(grads=grads), loss
 
 
+# Device lines that summarise what other lines of the same device hold: counting them too would count a
+# kernel's time twice or three times.
+SUMMARY_LINES = ("XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "Framework Name Scope", "Source code")
+
+
 def kernel_summary(trace_dir: str, steps: int, top: int = 12) -> dict:
-    """Per step, the time each kernel (op on the CPU) took in a jax.profiler trace, the largest first:
-    what limits the step. Read from the trace's perfetto JSON; device tracks where there are any."""
+    """Per step, the time each kernel (op, on the CPU) took in a jax.profiler trace, the largest first: what
+    limits the step. Read from the trace's perfetto JSON: the device tracks' kernel lines where there are
+    any, else the host's ops; each event counted by its self time (less the events nested in it)."""
     path = max(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
                key=os.path.getmtime)
     with gzip.open(path) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    tracks = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    devices = {pid for pid, name in tracks.items() if name.startswith("/device:")}
+    names = {(e["ph"], e["pid"], e.get("tid")): e["args"]["name"] for e in events if e.get("ph") == "M"
+             and e.get("name") in ("process_name", "thread_name")}
+    devices = {pid for (kind, pid, _), name in names.items() if kind == "M" and name.startswith("/device:")}
+
+    def counted(e):
+        if e.get("ph") != "X":
+            return False
+        if devices:
+            line = names.get(("M", e["pid"], e.get("tid")), "")
+            return e["pid"] in devices and not any(line.startswith(s) for s in SUMMARY_LINES)
+        return not e["name"].startswith("$") and "Execut" not in e["name"] and "Pjit" not in e["name"]
+    lines = collections.defaultdict(list)
+    for e in filter(counted, events):
+        lines[e["pid"], e.get("tid")].append(e)
     totals = collections.defaultdict(lambda: [0.0, 0])
-    for e in events:
-        on_device = e.get("pid") in devices
-        host_op = not devices and not e.get("name", "$").startswith("$") and "Execut" not in e["name"] \
-            and "Pjit" not in e["name"]
-        if e.get("ph") == "X" and (on_device or host_op):
+    for line in lines.values():  # self time: an event's duration less that of the events it encloses
+        line.sort(key=lambda e: (e["ts"], -e.get("dur", 0.0)))
+        open_events = []
+        for e in line:
+            while open_events and e["ts"] >= open_events[-1]["ts"] + open_events[-1].get("dur", 0.0):
+                open_events.pop()
+            if open_events:
+                totals[open_events[-1]["name"]][0] -= e.get("dur", 0.0)
             totals[e["name"]][0] += e.get("dur", 0.0)
             totals[e["name"]][1] += 1
+            open_events.append(e)
     whole = sum(t for t, _ in totals.values()) / steps
     ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:top]
-    return {"source": "device tracks" if devices else "host track (CPU ops)", "microseconds_per_step": whole,
+    return {"source": "device kernel lines" if devices else "host ops (CPU)", "microseconds_per_step": whole,
+            "lines": sorted({names.get(("M", pid, tid), str(tid)) for pid, tid in lines}),
             "kernels": [{"name": name[:120], "microseconds_per_step": t / steps, "calls_per_step": n / steps,
                          "share": t / steps / whole if whole else 0.0} for name, (t, n) in ranked]}
 
@@ -165,9 +187,12 @@ def measure(name, run_steps, state, batch, images_per_step, steps, repeats, prof
            "step_seconds": seconds / steps, "first_call_seconds": compile_seconds}
     if profile_dir:
         folder = os.path.join(profile_dir, "".join(c if c.isalnum() else "_" for c in name))
-        with jax.profiler.trace(folder, create_perfetto_trace=True):
-            one_repeat()
-        row["profile"] = kernel_summary(folder, steps)
+        try:
+            with jax.profiler.trace(folder, create_perfetto_trace=True):
+                one_repeat()
+            row["profile"] = kernel_summary(folder, steps)
+        except Exception as error:  # a profile that cannot be made must not cost the timing above
+            row["profile"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
     return row
 
 
@@ -244,7 +269,7 @@ def time_variant(name, config, a, per_device, batch, check_images, reference_log
     state = optimisers.with_hyperparams(optimisers.create_state(model, optimiser, 0, (a.image_size,) * 2 + (3,)),
                                         config)
     error = logits_error(model, state.params, reference_logits, check_images)
-    state = flax.jax_utils.replicate(state)
+    state = parallel.replicate(state)
     step_kwargs = dict(example_count=float(a.batch), microbatch=microbatch)
     rows = []
     for mode in ["python", "compiled"] if a.inner_loop == "both" else [a.inner_loop]:
@@ -307,7 +332,7 @@ def main(argv=None):
             rows.append({"name": name, "variant": name, "error": f"{type(error).__name__}: {str(error)[:1000]}"})
     if a.compare:
         del batch
-        reference_state = flax.jax_utils.replicate(optimisers.with_hyperparams(
+        reference_state = parallel.replicate(optimisers.with_hyperparams(
             optimisers.create_state(reference, optimisers.make_optimiser(a.optimiser), 0,
                                     (a.image_size,) * 2 + (3,)), base))
         images, labels, _ = random_batch(per_device, a.image_size, float_images=True)

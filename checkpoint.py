@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 import data
 from config import RUN_DEFINITION
 from errors import UsageError
+from parallel import replicate
 
 
 def run_definition(config) -> dict:
@@ -119,7 +120,7 @@ def restore(checkpoints: ocp.CheckpointManager, template_state, template_params)
     restored = checkpoints.restore(outer, args=ocp.args.Composite(tree=ocp.args.StandardRestore(template),
                                                                   progress=ocp.args.JsonRestore()))
     state = flax.serialization.from_state_dict(template_state, restored.tree["state"])
-    replicated = flax.jax_utils.replicate((state, restored.tree["best_params"]))
+    replicated = replicate((state, restored.tree["best_params"]))
     return replicated[0], replicated[1], upgraded(restored.progress)
 
 

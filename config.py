@@ -191,6 +191,9 @@ def check(config: Config) -> None:
                          f"got {c.warmup_steps}")
     if c.batch_size is not None and c.batch_size <= 0:
         raise UsageError(f"--batch-size must be positive (leave it out for the whole set), got {c.batch_size}")
+    if c.batch_size and c.batch_size * c.inner_steps * c.outer_steps >= 2 ** 31:  # the draw counts in int32
+        raise UsageError(f"--batch-size {c.batch_size} over {c.inner_steps * c.outer_steps} steps draws 2^31 "
+                         "examples or more: fewer steps or a smaller batch")
     if c.microbatch < 0:
         raise UsageError(f"--microbatch must be >= 0 (0 = automatic), got {c.microbatch}")
     if not 0 < c.target_accuracy <= 1:

@@ -122,12 +122,14 @@ def provenance() -> dict:
 
     import flax
     import optax
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                capture_output=True, text=True, timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
-                                    timeout=10).stdout.strip()) if commit else None
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+    try:  # the project's own checkout only, not one it happens to sit in
+        own = os.path.realpath(git("rev-parse", "--show-toplevel") or "/nowhere") == os.path.realpath(here)
+        commit = git("rev-parse", "HEAD") or None if own else None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
     return {"device_kind": jax.devices()[0].device_kind, "jax": jax.__version__, "flax": flax.__version__,

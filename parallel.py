@@ -83,6 +83,14 @@ def in_split_order(per_device, local_count: int) -> np.ndarray:
     return np.concatenate([row[:count] for row, count in zip(everyone, counts)])
 
 
+def replicate(tree):
+    """`tree` on every local device, laid out as a pmapped function lays out what it returns: flax's
+    replicate lays it out otherwise, and a pmapped function then compiled a second time when its output
+    came back in (a whole recompile at outer loop 2, found in review)."""
+    import flax
+    return jax.pmap(lambda t: t, axis_name=AXIS)(flax.jax_utils.replicate(tree))
+
+
 def on_devices(*arrays):
     """Shard the leading (device) axis of host arrays over this host's devices, as pmap expects."""
     mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))

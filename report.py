@@ -105,7 +105,7 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
 def host_zero_count(total: int) -> int:
     """How many validation images the original scored: the first of 4 hosts' contiguous quarters of the
     split (675 of 2,700), cut to a multiple of its 8 devices (672)."""
-    return total // 4 // 8 * 8
+    return total // 4 // 8 * 8  # 0 for a split too small to say
 
 
 def per_image(run: dict) -> dict | None:
@@ -120,12 +120,14 @@ def per_image(run: dict) -> dict | None:
     low, high = wilson_interval(int(bits[best].sum()), total)
     host = host_zero_count(total)
     return {"accuracy": bits[best].mean(), "low": low, "high": high, "total": total, "host_images": host,
-            "host_zero": max(b[:host].mean() for b in bits)}
+            "host_zero": max(b[:host].mean() for b in bits) if host else None}
 
 
 def edge_note(rate: float, rates: list[float]) -> str:
     """A best rate at the edge of the rates tried is not bracketed: a better one may lie beyond it."""
-    if len(rates) < 2 or min(rates) < rate < max(rates):
+    if len(rates) < 2:
+        return " (the only rate tried: not bracketed)"
+    if min(rates) < rate < max(rates):
         return ""
     return " (lowest tried: not bracketed)" if rate == min(rates) else " (highest tried: not bracketed)"
 
@@ -292,12 +294,15 @@ def study_block(runs: list[dict], folder: str) -> list[str]:
              "scored, to 2 decimals.", ""]
     rows = []
     for run in sorted(runs, key=lambda r: -r["best"]):
+        if not run["records"]:  # cut off (or diverged) in its first outer loop
+            rows.append([run["name"], 0, "", "", "", "", "", "", run["status"]])
+            continue
         figures = per_image(run) or {}
         reach = {t: next((r for r in run["records"] if r["validation_accuracy"] >= t), None) for t in (0.9, 0.95)}
         speed = statistics.median(r["images_per_second"] for r in run["records"][1:] or run["records"])
         rows.append([run["name"], len(run["records"]), f"{run['best']:.4f}",
                      f"{figures['low']:.3f} - {figures['high']:.3f}" if figures else "",
-                     f"{figures['host_zero']:.2f}" if figures else "",
+                     f"{figures['host_zero']:.2f}" if figures.get("host_zero") is not None else "",
                      *(f"{r['step']} ({r['train_seconds']:.0f} s)" if r else "not reached" for r in reach.values()),
                      f"{speed:,.0f}", run["status"]])
     lines.append(table(["run", "outer loops", "best val. acc.", "95% interval", "blog-style (host 0)",

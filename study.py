@@ -138,6 +138,11 @@ def run_study(study, base: Config) -> dict:
                         log(f"{point.name}: diverged: {error}")
                     except (KeyboardInterrupt, Interrupted, UsageError, PeerError, DataError):
                         raise
+                    except Exception as error:  # one run that fails (out of memory, say) must not end the study
+                        log(f"{point.name}: crashed: {type(error).__name__}: {error}")
+                        if jax.process_index() == 0:
+                            sweep.record_crash(point.config, error)
+                            pack.writer(point.name)({"crashed": True, "error": f"{type(error).__name__}: {error}"})
                     outcome["ran"].append(point.name)
                 done.append(point)
                 estimate = seconds_per_outer(point.config.output_dir) or estimate

@@ -97,6 +97,10 @@ def grid_points(grid, base: Config) -> list[Point]:
     for optimiser in grid["optimisers"]:
         epsilons = grid["epsilons"][optimiser] if optimiser in WITH_EPSILON else [None]
         largest = max(b or 0 for b in grid["batch_sizes"])
+        uneven = [b for b in grid["batch_sizes"] if b and largest % b]
+        if uneven:
+            raise UsageError(f"--batch-sizes: {uneven[0]} does not divide the largest, {largest}, so its outer loops "
+                             "could not see as many images")
         for batch, rate, seed, coefficient, epsilon in itertools.product(
                 grid["batch_sizes"], grid["learning_rates"][optimiser], grid["seeds"],
                 grid["momenta"] if optimiser == "sgd" else grid["weight_decays"], epsilons):
@@ -104,7 +108,8 @@ def grid_points(grid, base: Config) -> list[Point]:
                 "weight_decay": coefficient}
             inner = base.inner_steps * largest // batch if batch else base.inner_steps  # as many images per outer
             config = dataclasses.replace(base, optimiser=optimiser, learning_rate=rate, seed=seed, batch_size=batch,
-                                         inner_steps=inner, epsilon=epsilon or DEFAULT_EPSILONS[optimiser], **swept)
+                                         inner_steps=inner, epsilon=DEFAULT_EPSILONS[optimiser] if epsilon is None
+                                         else epsilon, **swept)
             points.append(at_home(config, base.output_dir))
     return points
 
@@ -198,6 +203,8 @@ def batch_summary(rows):
     did not reach it counts as never) is smallest, with those median steps and images."""
     groups = {}
     for r in rows:
+        if not isinstance(r["batch_size"], int):  # a run that crashed before it wrote its header
+            continue
         steps = r["target_step"] if r["target_step"] != "" else math.inf
         groups.setdefault((r["optimiser"], r["batch_size"], r["learning_rate"]), []).append(steps)
     best = {}

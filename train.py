@@ -31,7 +31,7 @@ from errors import Diverged, Interrupted, UsageError, exit_on_failure
 from metrics import MetricsLog, Pack, complete_summary, model_line, outer_line, pack_bits, provenance
 from model import ConvNet, param_count
 from optimisers import create_state, make_optimiser, rate_in_force, with_hyperparams
-from parallel import AXIS, choose_conv, choose_microbatch, in_split_order, init_distributed, log
+from parallel import AXIS, choose_conv, choose_microbatch, in_split_order, init_distributed, log, replicate
 from progress import Progress
 from stopping import StopSignals
 
@@ -77,8 +77,9 @@ def loss_sum(params, apply_fn, images, labels, mask):
 def draw(images, labels, mask, step, seed, *, per_device_batch):
     """This device's share of step `step`'s batch: `per_device_batch` of its real examples, drawn without
     replacement within an epoch of its own, in an order fixed by (seed, epoch, device). Nothing but the
-    step number decides it, so a resumed run draws what the uninterrupted one would. The real examples
-    are a device's first slots (padding comes last) and are never fewer than the share (checked)."""
+    step number decides it, so a run resumed on the same device layout draws what the uninterrupted one
+    would (another layout draws other batches). The real examples are a device's first slots (padding
+    comes last) and are never fewer than the share (checked)."""
     slots = mask.shape[0]
     real = jnp.sum(mask > 0).astype(jnp.int32)
     first = step * per_device_batch  # this device's draws before this step
@@ -220,14 +221,20 @@ def batch_share(batch_size: int, prepared: Prepared) -> int:
     devices, whole = jax.device_count(), prepared.train_count * prepared.stride
     if batch_size > whole:
         raise UsageError(f"--batch-size {batch_size} is above the {whole:,} training examples of a step's whole set")
-    if batch_size % devices:
-        raise UsageError(f"--batch-size {batch_size} does not split over the {devices} devices: use a multiple of "
-                         f"{devices}")
+    check_batch_splits(batch_size)
     share, fewest = batch_size // devices, prepared.train_fewest_per_device
     if share > fewest:
         raise UsageError(f"--batch-size {batch_size} draws {share} examples per device, but a device holds only "
                          f"{fewest} real ones: use at most {fewest * devices}")
     return share
+
+
+def check_batch_splits(batch_size: int | None) -> None:
+    """A --batch-size must split evenly over the devices (checked before any data is loaded)."""
+    devices = jax.device_count()
+    if batch_size and batch_size % devices:
+        raise UsageError(f"--batch-size {batch_size} does not split over the {devices} devices: use a batch size "
+                         f"that is a multiple of {devices}, or a number of devices that divides {batch_size}")
 
 
 def python_inner_loop(step, steps, state, *batch, seed, stop: StopSignals, on_step=None):
@@ -278,6 +285,7 @@ def run(config, shared: Shared | None = None, stop: StopSignals | None = None) -
     """One training run; a sweep passes the data, the compiled programs and the stop signals it shares."""
     init_distributed(config)  # first: jax's own preemption notifier, set up there, must not replace our handler
     check_writable(config.output_dir)
+    check_batch_splits(config.batch_size)
     if stop is None:
         with StopSignals() as stop:  # until the last checkpoint is written: a signal then must not kill the write
             return run(config, shared, stop)
@@ -330,18 +338,20 @@ def start(config, prepared: Prepared, programs: Programs, checkpoints, resumed: 
     """(replicated state, best params, progress) fresh or from the checkpoint, and the metrics log to match."""
     state = create_state(programs.model, programs.optimiser, config.seed, programs.image_shape)
     state = with_hyperparams(state, config)
+    per_device = batch_share(config.batch_size, prepared) or prepared.train_data[0].shape[1]
     log(model_line(config, param_count(state.params), programs.model.conv, programs.inner_mode, programs.microbatch,
-                   prepared.train_data[0].shape[1]))
+                   per_device))
     if resumed:
         state, best_params, progress = checkpoint.restore(checkpoints, state, state.params)
         log(f"resuming after outer loop {progress['outer']} from {checkpoints.directory}")
     else:
-        state = flax.jax_utils.replicate(state)
+        state = replicate(state)
         best_params, progress = state.params, checkpoint.initial_progress(config)
     header = {"config": dataclasses.asdict(config), "inner_loop": programs.inner_mode, "conv": programs.model.conv,
               "microbatch": programs.microbatch, "devices": jax.device_count(), "processes": jax.process_count(),
               "backend": jax.default_backend(), "train_examples": prepared.train_count,
-              "validation_examples": prepared.val_count, "examples_per_step": prepared.train_count * prepared.stride,
+              "validation_examples": prepared.val_count,
+              "examples_per_step": config.batch_size or prepared.train_count * prepared.stride,
               **provenance(), "run": progress["run"], "validation_ids": data.split_ids(config, "validation")}
     is_main = jax.process_index() == 0
     if is_main and config.output_dir:

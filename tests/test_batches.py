@@ -43,7 +43,9 @@ def test_every_real_example_is_drawn_once_per_epoch_in_an_order_fixed_by_seed_ep
 @pytest.mark.parametrize("batch,message", [
     ("0", "--batch-size must be positive (leave it out for the whole set), got 0"),
     ("20000", "--batch-size 20000 is above the 1,920 training examples of a step's whole set"),
-    ("100", "--batch-size 100 does not split over the 8 devices: use a multiple of 8"),
+    ("100", "--batch-size 100 does not split over the 8 devices: use a batch size that is a multiple of 8, or a "
+            "number of devices that divides 100"),
+    ("2000000", "--batch-size 2000000 over 1300 steps draws 2^31 examples or more: fewer steps or a smaller batch"),
     # 244 images over 8 devices: 31 slots each, the last holding 27 real ones, so 216 of its 248 forms
     ("1952", "--batch-size 1952 draws 244 examples per device, but a device holds only 216 real ones: use at most "
              "1728"),
@@ -62,6 +64,7 @@ def test_a_run_with_drawn_batches_counts_its_examples_and_resumes_to_the_uninter
     train.main([*run, "--outer-steps", "4", "--output-dir", str(tmp_path / "parts")])
     header, whole, _ = read_metrics(tmp_path / "whole")
     parts = read_metrics(tmp_path / "parts")[1]
+    assert header["examples_per_step"] == 64
     assert [r["examples_seen"] for r in whole] == [256, 512, 768, 1024]
     keys = ("loss", "train_accuracy", "validation_correct", "gradient_norm")
     assert [{k: r[k] for k in keys} for r in parts] == [{k: r[k] for k in keys} for r in whole]

@@ -45,3 +45,32 @@ def test_bench_times_a_list_of_variants_in_one_process_and_checks_each_against_n
     for row in figures["rows"]:  # a kernel profile of each: what takes the step's time
         kernels = row["profile"]["kernels"]
         assert kernels and all(0 < k["share"] <= 1 for k in kernels) and row["profile"]["microseconds_per_step"] > 0
+
+
+def test_the_kernel_summary_counts_each_kernel_once_by_its_self_time(tmp_path):
+    """Device kernels are counted on their own lines, not again on the lines that summarise them, and an
+    event is counted without the events nested in it."""
+    import gzip
+    import bench
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+              {"ph": "M", "name": "thread_name", "pid": 1, "tid": 1, "args": {"name": "XLA Ops"}},
+              {"ph": "M", "name": "thread_name", "pid": 1, "tid": 2, "args": {"name": "Stream #13(Compute)"}},
+              {"ph": "X", "name": "fusion.1", "pid": 1, "tid": 1, "ts": 0, "dur": 100},  # a summary line
+              {"ph": "X", "name": "conv_kernel", "pid": 1, "tid": 2, "ts": 0, "dur": 60},
+              {"ph": "X", "name": "gelu_kernel", "pid": 1, "tid": 2, "ts": 60, "dur": 40},
+              {"ph": "X", "name": "conv_kernel", "pid": 1, "tid": 2, "ts": 200, "dur": 60},
+              {"ph": "X", "name": "wrapper", "pid": 2, "tid": 9, "ts": 0, "dur": 500}]  # a host event
+    folder = tmp_path / "trace" / "plugins" / "profile" / "run"
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    summary = bench.kernel_summary(str(tmp_path / "trace"), steps=2)
+    assert summary["microseconds_per_step"] == 80 and summary["lines"] == ["Stream #13(Compute)"]
+    assert [(k["name"], k["microseconds_per_step"], k["share"]) for k in summary["kernels"]] == [
+        ("conv_kernel", 60, 0.75), ("gelu_kernel", 20, 0.25)]
+    nested = [{"ph": "X", "name": "outer", "pid": 3, "tid": 1, "ts": 0, "dur": 100},
+              {"ph": "X", "name": "inner", "pid": 3, "tid": 1, "ts": 10, "dur": 70}]
+    with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": nested}, f)
+    summary = bench.kernel_summary(str(tmp_path / "trace"), steps=1)  # a CPU trace: host ops, self time
+    assert {k["name"]: k["microseconds_per_step"] for k in summary["kernels"]} == {"inner": 70, "outer": 30}

@@ -37,8 +37,10 @@ def test_report_ranks_optimisers_by_median_over_seeds_and_counts_steps_to_thresh
     report.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "RESULTS.md")])
     text = (tmp_path / "RESULTS.md").read_text()
     # lamb's median over seeds is 0.55, adam's 0.45 (though adam has the best single run, 0.60)
-    assert "| 1 | lamb | 0.01 | lamb lr 0.01 | 0.5500 | 0.5200 - 0.5800 | 20 | not reached | not reached |" in text
-    assert "| 2 | adam | 0.003 | adam lr 0.003 | 0.4500 | 0.4000 - 0.6000 | 1/3 seeds | not reached |" in text
+    only = "(the only rate tried: not bracketed)"
+    assert f"| 1 | lamb | 0.01 | lamb lr 0.01 {only} | 0.5500 | 0.5200 - 0.5800 | 20 | not reached | not reached |" \
+        in text
+    assert f"| 2 | adam | 0.003 | adam lr 0.003 {only} | 0.4500 | 0.4000 - 0.6000 | 1/3 seeds | not reached |" in text
     assert "| 3 | sgd |" in text
     assert "| 1 | adam-s0 | 0.6000 | 30 |" in text  # the single-run table
     assert "LAMB first, as in the blog" in text and "SGD with momentum has 3 of the 9 best" in text
@@ -61,7 +63,7 @@ def test_report_replaces_only_its_marked_blocks_and_keeps_what_people_wrote(tmp_
     text = out.read_text()
     assert text.startswith("# Ours\n\nA reading written by hand.\n\n<!-- report:sweep -->\nScale: 256 training images")
     assert "stale table" not in text and "\n\nMore words.\n\n<!-- report:findings -->\n- Ranking" in text
-    assert "| 1 | lamb | 0.01 | lamb lr 0.01 | 0.5500 | 0.5000 - 0.6000 |" in text
+    assert "| 1 | lamb | 0.01 | lamb lr 0.01 (the only rate tried: not bracketed) | 0.5500 | 0.5000 - 0.6000 |" in text
     report.main(["--results", str(tmp_path / "results"), "--out", str(out)])
     assert out.read_text() == text  # the same results give the same file
     out.write_text(text + "<!-- report:nonsense -->\n<!-- /report:nonsense -->\n")
@@ -90,6 +92,8 @@ def test_a_study_pack_gives_every_image_accuracy_with_an_interval_and_the_blogs_
             write({"outer": outer, "step": 100 * outer, "loss": 1.0, "validation_accuracy": bits.mean(),
                    "images_per_second": 2e6, "train_seconds": 10.0 * outer, "validation_correct": pack_bits(bits)})
     pack.writer("lamb-lr0.02")({"summary": {"train_seconds": 20.0}})
+    pack.writer("lamb-lr0.04")({"config": {"optimiser": "lamb", "learning_rate": 0.04, "inner_steps": 100},
+                                "validation_examples": 2700})  # cut off in its first outer loop
     report.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md")])
     text = (tmp_path / "RESULTS.md").read_text()
     assert "1 x NVIDIA H100 80GB HBM3 (jax 0.11.2)" in text and "host 0 scored" in text
@@ -97,7 +101,9 @@ def test_a_study_pack_gives_every_image_accuracy_with_an_interval_and_the_blogs_
     assert "| lamb-lr0.01 | 2 | 0.8000 | 0.784 - 0.815 | 1.00 | not reached | not reached | 2,000,000 | cut off |" \
         in text
     assert "| lamb-lr0.02 | 2 | 0.6667 | 0.649 - 0.684 | 0.00 | not reached | not reached | 2,000,000 | ok |" in text
-    assert "| lamb | 0.01, 0.02 | lamb-lr0.01 (lowest tried: not bracketed) | 0.8000 |" in text
+    assert "| lamb-lr0.04 | 0 |  |  |  |  |  |  | cut off |" in text
+    assert "| lamb | 0.01, 0.02, 0.04 | lamb-lr0.01 (lowest tried: not bracketed) | 0.8000 |" in text
+    assert report.host_zero_count(2700) == 672 and report.host_zero_count(30) == 0  # too few to say: no figure
 
 
 def test_a_pack_is_read_as_each_run_s_own_metrics_file_would_be_after_a_resume(tmp_path):

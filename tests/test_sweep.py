@@ -126,6 +126,16 @@ def test_a_stop_signal_during_a_runs_last_outer_loop_stops_the_sweep_before_its_
     assert not (out / "lamb-lr0.01-wd0-constant-s1").exists()
 
 
+def test_batch_sizes_must_divide_the_largest_and_epsilons_must_be_positive(tmp_path):
+    with pytest.raises(UsageError, match="--batch-sizes: 96 does not divide the largest, 128"):
+        sweep.grid_points(*sweep.parse_args(["--batch-sizes", "64,96,128", "--output-dir", str(tmp_path), *FIXED]))
+    with pytest.raises(UsageError, match="--epsilon must be positive, got 0.0"):
+        sweep.grid_points(*sweep.parse_args(["--optimisers", "adam", "--epsilons", "0", "--output-dir", str(tmp_path),
+                                             *FIXED]))
+    crashed = {"optimiser": "adam", "batch_size": "", "learning_rate": 0.01, "target_step": ""}  # no header
+    assert sweep.batch_summary([crashed]) == []
+
+
 def test_the_per_optimiser_summary_takes_the_median_over_seeds():
     rows = [{"optimiser": "adam", "learning_rate": rate, "weight_decay": 0.0, "momentum": "", "epsilon": 1e-8,
              "best_validation_accuracy": accuracy}

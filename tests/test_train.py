@@ -382,3 +382,22 @@ def test_hyperparameters_live_in_the_optimiser_state_and_match_plain_optax():
     for name in ("lamb", "adam"):  # the epsilon matters at this scale, so the check above could see it ignored
         differences = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), results[name, None], results[name, 1e-3])
         assert max(jax.tree.leaves(differences)) > 1e-4
+
+
+@pytest.mark.parametrize("inner_loop", ["python", "compiled"])
+def test_the_inner_loop_compiles_once_not_again_when_its_output_comes_back(inner_loop):
+    """A state laid out otherwise than a pmapped function lays out its output made the second outer loop
+    compile the whole inner loop again (review): count the traces after the first call."""
+    traces = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, seconds, **_: traces.append(name) if name == "/jax/core/compile/jaxpr_trace_duration" else None)
+    c = config.parse([*SMALL, "--synthetic-examples", "300", "--inner-steps", "1", "--inner-loop", inner_loop])
+    shared = train.Shared(c)
+    programs, prepared = shared.programs_for(c), shared.prepared()
+    state = train.start(c, prepared, programs, None, None)[0]
+    no_signal = SimpleNamespace(received=None, flags=lambda: np.zeros(jax.local_device_count(), np.int32))
+    state = programs.inner(state, *prepared.train_data, seed=0, stop=no_signal)[0]
+    traced = len(traces)
+    for _ in range(2):
+        state = programs.inner(state, *prepared.train_data, seed=0, stop=no_signal)[0]
+    assert len(traces) == traced
