@@ -77,6 +77,9 @@ class Config:
 RUN_DEFINITION = ("optimiser", "learning_rate", "weight_decay", "momentum", "epsilon", "schedule", "warmup_steps",
                   "inner_steps", "outer_steps", "batch_size", "seed", "dataset", "data_dir", "synthetic_examples",
                   "image_size", "train_examples", "no_augment", "channels", "dense", "initialiser", "dtype")
+# Parts of the definition added after runs were already written, with the value that computes what those runs
+# computed: a definition saved without one of them means that value (an older checkpoint or sweep still counts).
+ADDED_LATER = {"batch_size": None}
 # How it is computed, reported or kept: free to change on resume (other devices, hosts, conv formulation...).
 HOW_COMPUTED = ("inner_loop", "manual_dir", "conv", "remat_gelu", "microbatch", "target_accuracy", "stop_at_target",
                 "output_dir", "resume", "keep_checkpoints", "eval_test", "coordinator_address", "num_processes",

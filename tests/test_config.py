@@ -90,6 +90,10 @@ def test_a_resume_is_refused_on_a_change_of_any_field_that_defines_the_run_and_o
     assert checkpoint.differences(saved, config.Config(dataset="folder", data_dir=str(folders[0]) + "/")) == []
     assert checkpoint.differences(saved, config.Config(dataset="folder", data_dir=str(folders[1])))[0].startswith(
         "--data-dir '6 images, sha256 ")
+    # A definition saved before --batch-size existed was of a whole-set run: it still counts as one, and only as one.
+    older = {key: value for key, value in checkpoint.run_definition(constant).items() if key != "batch_size"}
+    assert checkpoint.differences(older, constant) == []
+    assert checkpoint.differences(older, dataclasses.replace(constant, batch_size=64)) == ["--batch-size None -> 64"]
 
 
 def test_the_target_counts_as_reached_at_exactly_its_accuracy():
