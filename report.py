@@ -16,6 +16,7 @@ import os
 import re
 import statistics
 
+from config import DEFAULT_EPSILONS
 from metrics import read_pack, unpack_bits
 
 # The folders under --results each block of RESULTS.md is made from.
@@ -24,6 +25,7 @@ FULL_SCALE = "h100-lamb-bf16-fullscale"
 STUDY = "gpu-study"  # study.py's pack (and bench JSON) from a lent accelerator
 EPSILON, BATCH = "cpu-epsilon-256x8", "cpu-batch-256x8"
 THRESHOLDS = (0.5, 0.9, 0.95)
+OPTAX_EPSILONS = {"lamb": 1e-6, "adam": 1e-8}  # what a run used before --epsilon existed
 
 
 def load_runs(folder: str) -> list[dict]:
@@ -150,14 +152,30 @@ def scale_text(run: dict) -> str:
             f"loops of {c['inner_steps']} steps")
 
 
-def command_text(run: dict, script: str, extra: str = "") -> str:
-    """The command that made a run, from its header (CPU runs name their emulated device count)."""
+def command_text(run: dict, script: str, extra: str = "", runs: list[dict] | None = None) -> str:
+    """The command that made a run (or the runs of one sweep), from its header (CPU runs name their emulated
+    device count), with the epsilons it used wherever they are not today's defaults."""
     c, h = run["config"], run["header"]
     devices = f"JAX_NUM_CPU_DEVICES={h['devices']} " if h["backend"] == "cpu" else ""
     data = f"--dataset {c['dataset']}" + (f" --data-dir {c['data_dir']}" if c.get("data_dir") else "")
     examples = f" --train-examples {c['train_examples']}" if c.get("train_examples") else ""
+    if "epsilon" not in extra:
+        extra = f"{extra} {epsilon_flags(runs or [run], script)}".strip()
     return (f"{devices}python {script} {data}{examples} --inner-steps {c['inner_steps']} "
             f"--outer-steps {c['outer_steps']} {extra} --target-accuracy {c['target_accuracy']:g}").strip()
+
+
+def epsilon_flags(runs: list[dict], script: str) -> str:
+    """The epsilon flags that remake these runs under today's defaults (a run from before --epsilon existed
+    used optax's default)."""
+    flags = []
+    for optimiser in sorted({r["config"]["optimiser"] for r in runs}):
+        used = {r["config"].get("epsilon", OPTAX_EPSILONS.get(optimiser)) for r in runs
+                if r["config"]["optimiser"] == optimiser} - {None}
+        if used and used != {DEFAULT_EPSILONS[optimiser]}:
+            values = ",".join(f"{e:g}" for e in sorted(used, reverse=True))
+            flags.append(f"--epsilon {values}" if script == "train.py" else f"--{optimiser}-epsilons {values}")
+    return " ".join(flags)
 
 
 def device_text(run: dict, folder: str) -> str:
@@ -181,7 +199,7 @@ def sweep_block(runs: list[dict], folder: str) -> tuple[list[str], dict]:
     lines = [f"Scale: {scale_text(first)}; seeds {', '.join(map(str, seeds))}; {device_text(first, folder)}.", "",
              "```", command_text(first, "sweep.py", "--optimisers " + ",".join(optimisers) + " " + " ".join(
                  f"--{o}-rates {rates[o].replace(', ', ',')}" for o in optimisers) +
-                 f" --seeds {','.join(map(str, seeds))} --output-dir runs/sweep"), "```", "",
+                 f" --seeds {','.join(map(str, seeds))} --output-dir runs/sweep", runs), "```", "",
              f"{len(runs)} runs, {sum(r['summary']['train_seconds'] for r in runs if r['summary']) / 60:.0f} "
              "minutes of training in all. Per optimiser, its setting with the best median (over seeds) of the "
              "best validation accuracy:", ""]
@@ -223,7 +241,8 @@ def tuning_block(runs: list[dict], baseline: dict, folder: str) -> tuple[list[st
             f"{v:g}" for v in sorted({r["config"]["learning_rate"] for r in group})) + " --weight-decays " + ",".join(
             f"{v:g}" for v in sorted({r["config"]["weight_decay"] for r in group})) +
             f" --schedule {schedule[0]} --warmup-steps {schedule[1]} --seeds " +
-            ",".join(str(v) for v in sorted({r["config"]["seed"] for r in group})) + " --output-dir runs/tuning"))
+            ",".join(str(v) for v in sorted({r["config"]["seed"] for r in group})) + " --output-dir runs/tuning",
+            group))
     lines += ["```", ""]
     lines.append(table(["setting", "median best val. acc.", "min - max over seeds", "median steps to 0.5",
                         "median final loss"], rows))
@@ -238,7 +257,7 @@ def longer_block(runs: list[dict], folder: str) -> tuple[list[str], list[dict]]:
     rates = " ".join(f"--{o}-rates {rate[o]:g}" for o in optimisers)
     lines = ["```", command_text(runs[0], "sweep.py", f"--optimisers {','.join(optimisers)} {rates} --seeds "
                                  + ",".join(str(v) for v in sorted({r["config"]["seed"] for r in runs}))
-                                 + " --output-dir runs/longer"), "```", ""]
+                                 + " --output-dir runs/longer", runs), "```", ""]
     rows = []
     for run in sorted(runs, key=lambda r: -r["best"]):
         best = max(run["records"], key=lambda x: x["validation_accuracy"])
@@ -277,7 +296,7 @@ def full_scale_block(runs: list[dict], folder: str) -> list[str]:
             f"{h['validation_examples']:,} validation images, {c['inner_steps']} steps per outer loop, "
             f"{c['dtype']} compute; {device_text(runs[0], folder)}:", "", "```",
             command_text(runs[0], "train.py", f"--optimiser {c['optimiser']} --learning-rate RATE "
-                                              f"--dtype {c['dtype']}"),
+                                              f"--dtype {c['dtype']}", runs),
             "```", "",
             table(["setting", "outer loops run", "best val. acc.", "at step", "step to 0.95", "status",
                    "median images/s", "median s per outer loop"], rows)]
@@ -376,7 +395,7 @@ def batch_block(runs: list[dict], folder: str) -> list[str]:
              command_text(first, "sweep.py", f"--optimisers {','.join(optimisers)} " + " ".join(
                  f"--{o}-rates {','.join(f'{r:g}' for r in sorted({k[2] for k in groups if k[0] == o}))}"
                  for o in optimisers) + f" --batch-sizes {','.join(map(str, batches))} --seeds "
-                 f"{','.join(map(str, seeds))} --stop-at-target --output-dir runs/batch").replace(
+                 f"{','.join(map(str, seeds))} --stop-at-target --output-dir runs/batch", runs).replace(
                  f"--inner-steps {first['config']['inner_steps']}", f"--inner-steps {largest_inner}"), "```", ""]
     rows = []
     for optimiser in optimisers:

@@ -160,3 +160,22 @@ def patch_config(folder, **changes):
         if "outer" in r:
             r["step"] = r["outer"] * steps
     (folder / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in [header, *records]) + "\n")
+
+
+def test_commands_name_the_epsilons_their_runs_used_where_they_are_not_todays_defaults(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    for seed in (0, 1):  # headers from before --epsilon existed: those runs used optax's defaults
+        write_run(results / report.SWEEP, f"lamb-s{seed}", "lamb", 0.01, seed, [0.3, 0.5])
+        write_run(results / report.SWEEP, f"adam-s{seed}", "adam", 0.003, seed, [0.3, 0.5])
+    write_run(results / report.FINAL, "final", "lamb", 0.01, 0, [0.3, 0.5])
+    patch_config(results / report.FINAL / "final", epsilon=3.125e-8)
+
+    def commands(defaults):
+        monkeypatch.setattr(report, "DEFAULT_EPSILONS", defaults)
+        report.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md")])
+        return [line for line in (tmp_path / "RESULTS.md").read_text().splitlines() if " python " in line]
+
+    sweep, final = commands({"lamb": 1e-6, "adam": 1e-8, "sgd": None})
+    assert "epsilon" not in sweep and "--epsilon 3.125e-08 " in final
+    sweep, final = commands({"lamb": 3.125e-8, "adam": 1e-8, "sgd": None})
+    assert "--lamb-epsilons 1e-06 " in sweep and "adam-epsilons" not in sweep and "epsilon" not in final
