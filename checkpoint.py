@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import data
-from config import ADDED_LATER, RUN_DEFINITION
+from config import RUN_DEFINITION, defaults_before
 from errors import UsageError
 from parallel import replicate
 
@@ -33,7 +33,7 @@ def run_definition(config) -> dict:
 def differences(saved: dict, config) -> list[str]:
     """The flags whose values differ from those a checkpoint was written with, as readable strings."""
     current = run_definition(config)
-    saved = {**{key: value for key, value in ADDED_LATER.items() if key in current}, **saved}
+    saved = {**{key: value for key, value in defaults_before(saved).items() if key in current}, **saved}
     unrecorded = "(not recorded)"  # a definition written before this part of it was
     return [f"--{key.replace('_', '-')} {saved.get(key, unrecorded)!r} -> {current.get(key)!r}"
             for key in sorted(set(saved) | set(current)) if saved.get(key, unrecorded) != current.get(key)]

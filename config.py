@@ -14,8 +14,11 @@ from model import DEFAULT_CHANNELS, DEFAULT_DENSE, INITIALISERS
 
 OPTIMISERS = ("lamb", "adam", "sgd")
 DEFAULT_LEARNING_RATES = {"lamb": 1e-2, "adam": 1e-3, "sgd": 1e-1}
-# optax's own defaults; epsilon is LAMB's and Adam's only (SGD has none).
-DEFAULT_EPSILONS = {"lamb": 1e-6, "adam": 1e-8, "sgd": None}
+# Epsilon is LAMB's and Adam's only (SGD has none). LAMB's is the original's effective one, optax's 1e-6 over
+# the 32 devices whose per-device mean gradients it summed: the best at reduced scale (RESULTS.md, section 7).
+# Adam keeps optax's 1e-8: the same division (3e-10) was no better there.
+DEFAULT_EPSILONS = {"lamb": 1e-6 / 32, "adam": 1e-8, "sgd": None}
+OPTAX_EPSILONS = {"lamb": 1e-6, "adam": 1e-8, "sgd": None}
 SCHEDULES = ("constant", "warmup_cosine", "warmup_linear")
 DATASETS = ("tfds", "folder", "synthetic")
 DTYPES = ("float32", "bfloat16")
@@ -77,9 +80,15 @@ class Config:
 RUN_DEFINITION = ("optimiser", "learning_rate", "weight_decay", "momentum", "epsilon", "schedule", "warmup_steps",
                   "inner_steps", "outer_steps", "batch_size", "seed", "dataset", "data_dir", "synthetic_examples",
                   "image_size", "train_examples", "no_augment", "channels", "dense", "initialiser", "dtype")
-# Parts of the definition added after runs were already written, with the value that computes what those runs
-# computed: a definition saved without one of them means that value (an older checkpoint or sweep still counts).
-ADDED_LATER = {"batch_size": None}
+
+
+def defaults_before(definition: dict) -> dict:
+    """What a run computed in the parts of its definition added after it was written (a definition saved
+    without one means this value, so an older checkpoint, sweep or report still reads right): one
+    initialiser, the whole set as the batch, and optax's epsilons (LAMB's default has changed since)."""
+    return {"initialiser": "flax", "batch_size": None, "epsilon": OPTAX_EPSILONS.get(definition.get("optimiser"))}
+
+
 # How it is computed, reported or kept: free to change on resume (other devices, hosts, conv formulation...).
 HOW_COMPUTED = ("inner_loop", "manual_dir", "conv", "remat_gelu", "microbatch", "target_accuracy", "stop_at_target",
                 "output_dir", "resume", "keep_checkpoints", "eval_test", "coordinator_address", "num_processes",
@@ -100,8 +109,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     add("--momentum", type=float, default=default.momentum, help="sgd momentum")
     add("--epsilon", type=float, default=None,
         help=f"lamb's and adam's epsilon (added to the root of the second moment); default per optimiser "
-             f"{DEFAULT_EPSILONS} (optax's). The original's psum of per-device mean gradients on 32 devices made "
-             "its effective epsilon 1e-6/32 = 3.125e-8 (RESULTS.md)")
+             f"{DEFAULT_EPSILONS}: lamb's is the original's effective one (its psum of per-device mean gradients "
+             "on 32 devices made optax's 1e-6 act as 1e-6/32), adam's is optax's (RESULTS.md)")
     add("--schedule", choices=SCHEDULES, default=default.schedule,
         help="learning-rate shape: constant, or linear warmup then cosine or linear decay to 0 at the last step")
     add("--warmup-steps", type=int, default=default.warmup_steps, help="warmup steps of the warmup_* schedules")

@@ -16,7 +16,7 @@ import os
 import re
 import statistics
 
-from config import DEFAULT_EPSILONS
+from config import DEFAULT_EPSILONS, defaults_before
 from metrics import read_pack, unpack_bits
 
 # The folders under --results each block of RESULTS.md is made from.
@@ -25,7 +25,6 @@ FULL_SCALE = "h100-lamb-bf16-fullscale"
 STUDY = "gpu-study"  # study.py's pack (and bench JSON) from a lent accelerator
 EPSILON, BATCH = "cpu-epsilon-256x8", "cpu-batch-256x8"
 THRESHOLDS = (0.5, 0.9, 0.95)
-OPTAX_EPSILONS = {"lamb": 1e-6, "adam": 1e-8}  # what a run used before --epsilon existed
 
 
 def load_runs(folder: str) -> list[dict]:
@@ -51,6 +50,7 @@ def load_runs(folder: str) -> list[dict]:
         status = "diverged" if diverged else "crashed" if end.get("crashed") else \
             "ok" if "summary" in end else "cut off"
         config = [line["config"] for line in lines if "config" in line][-1]  # a resumed run's own, if extended
+        config = {**defaults_before(config), **config}  # a header from before a flag existed: what the run used
         runs.append({"name": name, "header": lines[0], "config": config, "records": records,
                      "summary": end.get("summary"), "status": status,
                      "best": max((r["validation_accuracy"] for r in records), default=0.0)})
@@ -166,12 +166,10 @@ def command_text(run: dict, script: str, extra: str = "", runs: list[dict] | Non
 
 
 def epsilon_flags(runs: list[dict], script: str) -> str:
-    """The epsilon flags that remake these runs under today's defaults (a run from before --epsilon existed
-    used optax's default)."""
+    """The epsilon flags that remake these runs under today's defaults."""
     flags = []
     for optimiser in sorted({r["config"]["optimiser"] for r in runs}):
-        used = {r["config"].get("epsilon", OPTAX_EPSILONS.get(optimiser)) for r in runs
-                if r["config"]["optimiser"] == optimiser} - {None}
+        used = {r["config"]["epsilon"] for r in runs if r["config"]["optimiser"] == optimiser} - {None}
         if used and used != {DEFAULT_EPSILONS[optimiser]}:
             values = ",".join(f"{e:g}" for e in sorted(used, reverse=True))
             flags.append(f"--epsilon {values}" if script == "train.py" else f"--{optimiser}-epsilons {values}")
@@ -522,8 +520,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     made = blocks(args.results)
     text = open(args.out).read() if os.path.exists(args.out) else skeleton(made)
-    with open(args.out, "w") as f:
-        f.write(fill(text, made))
+    filled = fill(text, made)  # before opening: a refused file stays as it was
+    with open(args.out + ".tmp", "w") as f:
+        f.write(filled)
+    os.replace(args.out + ".tmp", args.out)
     print(f"wrote {args.out}")
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 import checkpoint
 import train
-from config import DEFAULT_EPSILONS, OPTIMISERS, Config, check
+from config import DEFAULT_EPSILONS, OPTIMISERS, Config, check, defaults_before
 from config import parse as parse_config
 from errors import DataError, Diverged, Interrupted, PeerError, UsageError, exit_on_failure, fail
 from parallel import init_distributed, log
@@ -371,7 +371,8 @@ def verdict_of_process_0(config: Config) -> int:
 def saved_definition(saved_config: dict) -> dict:
     """The run definition of a metrics header written before headers carried one."""
     fields = {f.name for f in dataclasses.fields(Config)}
-    return checkpoint.run_definition(Config(**{k: v for k, v in saved_config.items() if k in fields}))
+    known = {**defaults_before(saved_config), **saved_config}  # not today's defaults: what that run used
+    return checkpoint.run_definition(Config(**{k: v for k, v in known.items() if k in fields}))
 
 
 def read_header(output_dir):

@@ -90,10 +90,17 @@ def test_a_resume_is_refused_on_a_change_of_any_field_that_defines_the_run_and_o
     assert checkpoint.differences(saved, config.Config(dataset="folder", data_dir=str(folders[0]) + "/")) == []
     assert checkpoint.differences(saved, config.Config(dataset="folder", data_dir=str(folders[1])))[0].startswith(
         "--data-dir '6 images, sha256 ")
-    # A definition saved before --batch-size existed was of a whole-set run: it still counts as one, and only as one.
-    older = {key: value for key, value in checkpoint.run_definition(constant).items() if key != "batch_size"}
-    assert checkpoint.differences(older, constant) == []
-    assert checkpoint.differences(older, dataclasses.replace(constant, batch_size=64)) == ["--batch-size None -> 64"]
+    # A definition saved before a flag existed means what the run computed then: the whole set as the batch, one
+    # initialiser, and optax's epsilon (LAMB's default has changed since, so that older run is another run now).
+    older = {key: value for key, value in checkpoint.run_definition(constant).items()
+             if key not in ("batch_size", "initialiser", "epsilon")}
+    optax_epsilon = dataclasses.replace(constant, epsilon=1e-6)
+    assert constant.optimiser == "lamb" and checkpoint.differences(older, optax_epsilon) == []
+    assert checkpoint.differences(older, constant) == ["--epsilon 1e-06 -> 3.125e-08"]
+    assert checkpoint.differences(older, dataclasses.replace(optax_epsilon, batch_size=64)) == [
+        "--batch-size None -> 64"]
+    assert checkpoint.differences(older, dataclasses.replace(optax_epsilon, initialiser="haiku")) == [
+        "--initialiser 'flax' -> 'haiku'"]
 
 
 def test_the_target_counts_as_reached_at_exactly_its_accuracy():

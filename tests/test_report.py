@@ -69,6 +69,7 @@ def test_report_replaces_only_its_marked_blocks_and_keeps_what_people_wrote(tmp_
     out.write_text(text + "<!-- report:nonsense -->\n<!-- /report:nonsense -->\n")
     with pytest.raises(SystemExit, match="block.*nonsense.*that no runs make"):
         report.main(["--results", str(tmp_path / "results"), "--out", str(out)])
+    assert out.read_text() == text + "<!-- report:nonsense -->\n<!-- /report:nonsense -->\n"  # refused, not emptied
 
 
 def test_a_study_pack_gives_every_image_accuracy_with_an_interval_and_the_blogs_host_zero_figure(tmp_path):

@@ -57,3 +57,12 @@ def test_the_fastest_correct_variant_of_a_bench_file_is_taken(tmp_path):
         "conv": "space_to_depth", "remat_gelu": True, "microbatch": 50}
     with pytest.raises(study.UsageError, match="no correct float16 variant"):
         study.fastest_variant(str(tmp_path / "bench.json"), "float16")
+
+
+def test_the_plan_runs_lamb_at_the_default_epsilon_and_again_at_optaxs():
+    import config
+    base = study.parse_args(["--pack", "p.jsonl", "--output-dir", "runs", *FIXED])[1]
+    lambs = [study.planned(base, entry) for entry in study.PLAN if entry.get("optimiser") == "lamb"]
+    assert lambs[0].epsilon == config.DEFAULT_EPSILONS["lamb"] == 1e-6 / 32
+    assert [(c.learning_rate, c.epsilon) for c in lambs].count((lambs[0].learning_rate, 1e-6)) == 1
+    assert {c.schedule for c in lambs} == {"warmup_cosine"}

@@ -143,3 +143,13 @@ def test_the_per_optimiser_summary_takes_the_median_over_seeds():
     (summary,) = sweep.optimiser_summary(rows)
     assert summary["best_setting"].startswith("lr 0.003") and summary["median_over_seeds"] == 0.55
     assert summary["best"] == 0.9 and abs(summary["spread"] - 0.1) < 1e-12 and summary["seeds"] == 3
+
+
+def test_a_header_from_before_a_flag_existed_reads_as_the_run_it_was():
+    """A metrics header without epsilon, batch size or initialiser (written before those flags) is the run it
+    computed then, not a run at today's defaults: LAMB's default epsilon has changed since."""
+    older = {"optimiser": "lamb", "learning_rate": 0.01, "seed": 0, "dataset": "synthetic", "inner_steps": 10}
+    definition = sweep.saved_definition(older)
+    assert (definition["epsilon"], definition["batch_size"], definition["initialiser"]) == (1e-6, None, "flax")
+    assert sweep.saved_definition({**older, "epsilon": 1e-7})["epsilon"] == 1e-7
+    assert sweep.saved_definition({**older, "optimiser": "adam"})["epsilon"] == 1e-8

@@ -362,9 +362,10 @@ def test_hyperparameters_live_in_the_optimiser_state_and_match_plain_optax():
     split, model, params = small_problem(16)
     grads = reference_loss_grads_correct(model, params, split)[1]
     results = {}
-    for name, epsilon, plain in [("lamb", None, optax.lamb(0.01, weight_decay=0.1)),
+    defaults = config.DEFAULT_EPSILONS
+    for name, epsilon, plain in [("lamb", None, optax.lamb(0.01, eps=defaults["lamb"], weight_decay=0.1)),
                                  ("lamb", 1e-3, optax.lamb(0.01, eps=1e-3, weight_decay=0.1)),
-                                 ("adam", None, optax.adamw(0.01, weight_decay=0.1)),
+                                 ("adam", None, optax.adamw(0.01, eps=defaults["adam"], weight_decay=0.1)),
                                  ("adam", 1e-3, optax.adamw(0.01, eps=1e-3, weight_decay=0.1)),
                                  ("sgd", None, optax.sgd(0.01, momentum=0.5))]:
         rates = config.Config(optimiser=name, learning_rate=0.01, weight_decay=0.1, momentum=0.5, epsilon=epsilon)
