@@ -16,7 +16,7 @@ import os
 import re
 import statistics
 
-from config import DEFAULT_EPSILONS, defaults_before
+from config import DEFAULT_EPSILONS, OPTAX_EPSILONS, defaults_before
 from metrics import read_pack, unpack_bits
 
 # The folders under --results each block of RESULTS.md is made from.
@@ -65,13 +65,15 @@ def setting(run: dict) -> tuple:
     c = run["config"]
     return (c["optimiser"], c["learning_rate"], c.get("weight_decay", 0.0) if c["optimiser"] != "sgd" else None,
             c.get("momentum") if c["optimiser"] == "sgd" else None, c.get("schedule", "constant"),
-            c.get("warmup_steps", 0))
+            c.get("warmup_steps", 0), c["epsilon"])
 
 
 def describe(key: tuple) -> str:
-    optimiser, rate, decay, momentum, schedule, warmup = key
+    """A setting in words; epsilon, as in sweep.py's run names, only where it is not optax's."""
+    optimiser, rate, decay, momentum, schedule, warmup, epsilon = key
     words = [optimiser, f"lr {rate:g}"]
     words += [f"momentum {momentum:g}"] if optimiser == "sgd" else [f"wd {decay:g}"] if decay else []
+    words += [f"eps {epsilon:g}"] if epsilon != OPTAX_EPSILONS[optimiser] else []
     words += [f"{schedule} ({warmup} warmup steps)"] if schedule != "constant" else []
     return " ".join(words)
 
@@ -166,13 +168,17 @@ def command_text(run: dict, script: str, extra: str = "", runs: list[dict] | Non
 
 
 def epsilon_flags(runs: list[dict], script: str) -> str:
-    """The epsilon flags that remake these runs under today's defaults."""
+    """The epsilon flags that remake these runs under today's defaults: sweep.py lists each optimiser's; a
+    train.py command is one run's, so several epsilons there are a placeholder that the rows resolve."""
     flags = []
-    for optimiser in sorted({r["config"]["optimiser"] for r in runs}):
+    optimisers = sorted({r["config"]["optimiser"] for r in runs}) if script == "sweep.py" else \
+        [runs[0]["config"]["optimiser"]]
+    for optimiser in optimisers:
         used = {r["config"]["epsilon"] for r in runs if r["config"]["optimiser"] == optimiser} - {None}
         if used and used != {DEFAULT_EPSILONS[optimiser]}:
-            values = ",".join(f"{e:g}" for e in sorted(used, reverse=True))
-            flags.append(f"--epsilon {values}" if script == "train.py" else f"--{optimiser}-epsilons {values}")
+            values = ",".join(f"{e!r}" for e in sorted(used, reverse=True))
+            flags.append(f"--{optimiser}-epsilons {values}" if script == "sweep.py" else
+                         f"--epsilon {values}" if len(used) == 1 else "--epsilon EPSILON")
     return " ".join(flags)
 
 

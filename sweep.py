@@ -27,7 +27,7 @@ import numpy as np
 
 import checkpoint
 import train
-from config import DEFAULT_EPSILONS, OPTIMISERS, Config, check, defaults_before
+from config import DEFAULT_EPSILONS, OPTAX_EPSILONS, OPTIMISERS, Config, check, defaults_before
 from config import parse as parse_config
 from errors import DataError, Diverged, Interrupted, PeerError, UsageError, exit_on_failure, fail
 from parallel import init_distributed, log
@@ -115,9 +115,10 @@ def grid_points(grid, base: Config) -> list[Point]:
 
 
 def run_name(config: Config) -> str:
-    """A run's folder name: the values a sweep varies (epsilon only when not the optimiser's default)."""
+    """A run's folder name: the values a sweep varies. Epsilon is named when it is not optax's, a fixed
+    reference rather than the default, which has changed: a name means the same run in every version."""
     detail = f"m{config.momentum:g}" if config.optimiser == "sgd" else f"wd{config.weight_decay:g}"
-    epsilon = "" if config.epsilon == DEFAULT_EPSILONS[config.optimiser] else f"-eps{config.epsilon:g}"
+    epsilon = "" if config.epsilon == OPTAX_EPSILONS[config.optimiser] else f"-eps{config.epsilon:g}"
     batch = f"-b{config.batch_size}" if config.batch_size else ""
     return f"{config.optimiser}-lr{config.learning_rate:g}-{detail}{epsilon}{batch}-{config.schedule}-s{config.seed}"
 

@@ -180,3 +180,19 @@ def test_commands_name_the_epsilons_their_runs_used_where_they_are_not_todays_de
     assert "epsilon" not in sweep and "--epsilon 3.125e-08 " in final
     sweep, final = commands({"lamb": 3.125e-8, "adam": 1e-8, "sgd": None})
     assert "--lamb-epsilons 1e-06 " in sweep and "adam-epsilons" not in sweep and "epsilon" not in final
+
+
+def test_settings_that_differ_only_in_epsilon_stay_apart_and_a_train_command_never_lists_two(tmp_path):
+    results = tmp_path / "results"
+    for name, epsilon, accuracies in (("lamb_a", 1e-6, [0.3, 0.5]), ("lamb_b", 3.125e-8, [0.4, 0.6])):
+        write_run(results / report.FULL_SCALE, name, "lamb", 0.01, 0, accuracies)
+        patch_config(results / report.FULL_SCALE / name, epsilon=epsilon)
+    for seed, epsilon in ((0, 1e-6), (1, 3.125e-8)):
+        write_run(results / report.SWEEP, f"lamb-s{seed}", "lamb", 0.01, seed, [0.3, 0.5 + seed / 10])
+        patch_config(results / report.SWEEP / f"lamb-s{seed}", epsilon=epsilon)
+    report.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md")])
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "--epsilon EPSILON " in text and "--epsilon 1e-06" not in text  # the rows say which
+    assert "| lamb lr 0.01 eps 3.125e-08 | 2 | 0.6000 |" in text and "| lamb lr 0.01 | 2 | 0.5000 |" in text
+    assert "--lamb-epsilons 1e-06,3.125e-08 " in text
+    assert "| lamb lr 0.01 eps 3.125e-08 | 0.6000 | 0.6000 - 0.6000 | 1 |" in text  # one seed each, not two

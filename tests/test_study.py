@@ -17,7 +17,7 @@ def test_a_study_runs_its_plan_in_order_packs_every_line_and_skips_what_the_budg
     pack = tmp_path / "study.jsonl"
     argv = ["--pack", str(pack), "--output-dir", str(tmp_path / "runs"), *FIXED]
     outcome = study.run_study(*study.parse_args([*argv, "--budget-seconds", "1e9"]))
-    first, second = "lamb-lr0.01-wd0-warmup_cosine-s0", "sgd-lr0.1-m0.9-warmup_cosine-s0"
+    first, second = "lamb-lr0.01-wd0-eps3.125e-08-warmup_cosine-s0", "sgd-lr0.1-m0.9-warmup_cosine-s0"
     assert outcome["ran"][:2] == [first, second] and len(outcome["ran"]) == 3 and not outcome["skipped"]
     best = max((first, second), key=lambda n: max(r["validation_accuracy"]
                                                   for r in read_metrics(tmp_path / "runs" / n)[1]))

@@ -62,7 +62,7 @@ def test_every_run_of_a_mixed_sweep_equals_the_same_run_through_train_py_with_on
                                        *schedule, "--output-dir", str(tmp_path / "sweep"), *FIXED]))
     assert built == ["lamb", "sgd"]
     lamb = ["--optimiser", "lamb", "--learning-rate", "0.01", "--weight-decay", "0.01"]
-    for name, flags in [("lamb-lr0.01-wd0.01-warmup_cosine-s1", lamb),
+    for name, flags in [("lamb-lr0.01-wd0.01-warmup_cosine-s1", [*lamb, "--epsilon", "1e-6"]),
                         ("lamb-lr0.01-wd0.01-eps0.001-warmup_cosine-s1", [*lamb, "--epsilon", "1e-3"]),
                         ("sgd-lr0.05-m0.9-warmup_cosine-s1", ["--optimiser", "sgd", "--learning-rate", "0.05"])]:
         train.main([*FIXED, *flags, "--seed", "1", *schedule, "--output-dir", str(tmp_path / name)])
@@ -79,7 +79,8 @@ def test_each_optimiser_may_have_its_own_rates(tmp_path):
     grid, base = sweep.parse_args(["--optimisers", "lamb,sgd", "--learning-rates", "0.001", "--sgd-rates", "0.1,0.3",
                                    "--seeds", "0,1", "--output-dir", str(tmp_path), *FIXED])
     assert [p.name for p in sweep.grid_points(grid, base)] == [
-        "lamb-lr0.001-wd0-constant-s0", "lamb-lr0.001-wd0-constant-s1", "sgd-lr0.1-m0.9-constant-s0",
+        "lamb-lr0.001-wd0-eps3.125e-08-constant-s0", "lamb-lr0.001-wd0-eps3.125e-08-constant-s1",
+        "sgd-lr0.1-m0.9-constant-s0",
         "sgd-lr0.1-m0.9-constant-s1", "sgd-lr0.3-m0.9-constant-s0", "sgd-lr0.3-m0.9-constant-s1"]
 
 
@@ -114,16 +115,16 @@ def test_a_stop_signal_during_a_runs_last_outer_loop_stops_the_sweep_before_its_
             "--outer-steps", "1", "--inner-loop", "compiled"]
     process = subprocess.Popen([sys.executable, "sweep.py", *argv], env=device_env(), cwd=ROOT, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = out / "lamb-lr0.01-wd0-constant-s0" / "metrics.jsonl"
+    first = out / "lamb-lr0.01-wd0-eps3.125e-08-constant-s0" / "metrics.jsonl"
     wait_for_records(first.parent, 0, process)  # the run has begun: the compiled outer loop is under way
     process.send_signal(signal.SIGTERM)
     stderr = process.communicate(timeout=120)[1]
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert stderr.strip().splitlines()[-1] == ("sweep.py: stopped by SIGTERM before run 2 of 2 "
-                                               "(lamb-lr0.01-wd0-constant-s1); re-running the same command goes on "
-                                               "from there")
+                                               "(lamb-lr0.01-wd0-eps3.125e-08-constant-s1); re-running the same "
+                                               "command goes on from there")
     assert read_metrics(first.parent)[2] is not None  # the first run finished its one outer loop
-    assert not (out / "lamb-lr0.01-wd0-constant-s1").exists()
+    assert not (out / "lamb-lr0.01-wd0-eps3.125e-08-constant-s1").exists()
 
 
 def test_batch_sizes_must_divide_the_largest_and_epsilons_must_be_positive(tmp_path):
@@ -153,3 +154,12 @@ def test_a_header_from_before_a_flag_existed_reads_as_the_run_it_was():
     assert (definition["epsilon"], definition["batch_size"], definition["initialiser"]) == (1e-6, None, "flax")
     assert sweep.saved_definition({**older, "epsilon": 1e-7})["epsilon"] == 1e-7
     assert sweep.saved_definition({**older, "optimiser": "adam"})["epsilon"] == 1e-8
+
+
+def test_a_run_name_means_the_same_run_whatever_the_default_epsilon():
+    """Names carry epsilon where it is not optax's (a fixed reference), so a folder made when LAMB's default
+    was optax's 1e-6 keeps its name and is found again by the same grid."""
+    import config
+    names = {epsilon: sweep.run_name(config.Config(optimiser="lamb", epsilon=epsilon)) for epsilon in (None, 1e-6)}
+    assert names == {None: "lamb-lr0.01-wd0-eps3.125e-08-constant-s0", 1e-6: "lamb-lr0.01-wd0-constant-s0"}
+    assert sweep.run_name(config.Config(optimiser="adam")) == "adam-lr0.001-wd0-constant-s0"
