@@ -46,23 +46,28 @@ class Progress:
         """One step of the Python inner loop has finished (the loop waits for each before the next)."""
         now = time.perf_counter()
         self.done, self.in_outer, self.steps_seen = self.done + 1, self.in_outer + 1, self.steps_seen + 1
-        if self.steps_seen > 1:  # the first step of a run includes its compilation
+        # The loop reports a step once the next is queued, and where dispatch itself waits for the work (the
+        # CPU) that is after the next has run: the first and the last report of an outer loop can then be a
+        # step late or early. Only the times between the others are a step's, on every backend; the first
+        # step of a run also compiles. (Outer loops of 2 steps have none: outer_done() estimates those.)
+        if self.steps_seen > 1 and 1 < self.in_outer < self.config.inner_steps:
             taken = now - self.last_step_at
             earlier = self.seconds_per_step
             self.seconds_per_step = taken if earlier is None else 0.8 * earlier + 0.2 * taken  # smoothed
             self.estimate()
+        if self.steps_seen > 1:
             self.show(now)
         self.last_step_at = now
 
     def outer_done(self, inner_seconds: float, outers_seen: int) -> None:
-        """An outer loop has finished; the compiled loop's speed is known from its second (the first compiles)."""
+        """An outer loop has finished; without a step's time from step(), the speed is known from the second
+        outer loop (the first compiles)."""
         self.close_bar()
-        if self.seconds_per_step is None and outers_seen > 1:
+        if self.steps_seen == 0:  # the compiled loop reports no steps
             self.done += self.config.inner_steps
+        if self.seconds_per_step is None and outers_seen > 1:
             self.seconds_per_step = inner_seconds / self.config.inner_steps
             self.estimate()
-        elif self.steps_seen == 0:
-            self.done += self.config.inner_steps
 
     def estimate(self) -> None:
         """Once: the time a step, an outer loop and the whole run take."""
@@ -81,7 +86,7 @@ class Progress:
     def show(self, now: float) -> None:
         """The bar, or a plain line at most every LINE_EVERY_SECONDS, while an outer loop lasts long enough."""
         step, inner = self.seconds_per_step, self.config.inner_steps
-        if not self.speaking or step * inner < SHOW_ABOVE_SECONDS:
+        if not self.speaking or step is None or step * inner < SHOW_ABOVE_SECONDS:
             return
         run_left = human(step * (self.total - self.done))
         if self.interactive and tqdm is not None:

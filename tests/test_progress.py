@@ -77,3 +77,23 @@ def test_the_compiled_loop_is_estimated_from_its_second_outer_loop(capsys):
     display.begin_outer(2)
     display.outer_done(18.4, 2)
     assert "0.184 s per step" in capsys.readouterr().out and display.done == 200
+
+
+def test_where_dispatch_waits_for_the_work_the_estimate_takes_no_step_time_from_an_outer_loops_ends(capsys,
+                                                                                                   monkeypatch):
+    """On the CPU a step's dispatch returns when it has run, so the loop reports step 1 after step 2 ran, and
+    step 2 at once after: an outer loop of 2 steps gives no step's time; its second outer loop does."""
+    clock = Clock()
+    monkeypatch.setattr(progress.time, "perf_counter", clock)
+    display = progress.Progress(config.Config(inner_steps=2, outer_steps=3), 512, 0, io.StringIO())
+    for outer, (first, last) in enumerate([(30.0 + 4.0, 0.0), (4.0, 0.0), (4.0, 0.0)], start=1):
+        display.begin_outer(outer)
+        clock.now += first
+        display.step()  # step 1, reported after step 2 ran (the first compiles too)
+        clock.now += last
+        display.step()  # step 2, reported at once
+        display.outer_done(first + last if outer > 1 else 34.0, outer)
+        assert display.done == 2 * outer
+        assert capsys.readouterr().out == ("" if outer != 2 else "speed: 2 s per step of 512 images (256 img/s); an "
+                                           "outer loop of 2 steps takes about 4.0 s, the whole run of 6 steps about "
+                                           "12 s\n")
