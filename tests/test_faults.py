@@ -88,8 +88,8 @@ def test_a_scheduled_run_cannot_change_its_length_on_resume(tmp_path, capsys):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_leaves_a_checkpoint_that_resumes_to_the_uninterrupted_result(tmp_path, signum):
-    args = [*RUN, "--inner-steps", "5", "--outer-steps", "40", "--schedule", "warmup_cosine",
-            "--warmup-steps", "20", "--output-dir", str(tmp_path / "stopped")]
+    args = [*RUN, "--inner-steps", "5", "--outer-steps", "12", "--schedule", "warmup_cosine",
+            "--warmup-steps", "6", "--output-dir", str(tmp_path / "stopped")]
     process = start_train(args)
     wait_for_records(tmp_path / "stopped", 2, process)
     process.send_signal(signum)
@@ -100,7 +100,7 @@ def test_a_stop_signal_leaves_a_checkpoint_that_resumes_to_the_uninterrupted_res
     assert last.startswith(f"train.py: stopped by {signal.Signals(signum).name} during outer loop ")
     assert "resumes it (run the same command)" in last
     checkpointed = latest_checkpoint(tmp_path / "stopped")[0]
-    assert 2 <= checkpointed < 40 and f"checkpoint after outer loop {checkpointed} " in last
+    assert 2 <= checkpointed < 12 and f"checkpoint after outer loop {checkpointed} " in last
     if signum == signal.SIGINT:
         return  # the same path as SIGTERM; the resume below is checked once
     resumed = run_train(args)
