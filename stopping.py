@@ -33,7 +33,7 @@ class StopSignals:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __enter__(self):
-        self.received, self.agreed = None, None
+        self.received, self.agreed, self.saved = None, None, False
         self.previous, self.wakeup = {}, None
         self._agree = jax.pmap(lambda signum: lax.pmax(signum, AXIS), axis_name=AXIS)
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
@@ -50,7 +50,9 @@ class StopSignals:
         """Every stop signal the moment it arrives, whatever the main thread is doing."""
         while data := reader.recv(64):
             for signum in (signal.Signals(n) for n in data if n in self.SIGNALS):
-                if self.received is None:
+                if self.saved and signum == signal.SIGTERM:
+                    continue  # see __exit__
+                if self.received is None and not self.saved:
                     self.received = signum
                 else:
                     print(f"stopped at once by a second {signum.name}; the last checkpoint written resumes the "
@@ -67,6 +69,13 @@ class StopSignals:
         return self.agreed
 
     def __exit__(self, exception_type, *_):
+        if self.previous and exception_type is Interrupted:
+            # The work is saved and the process is about to exit 128 + signal, through jax's exit handlers,
+            # which can take a while. The watcher stays until the process ends: a second Ctrl-C then ends it
+            # at once with the same exit code (not killed by the default handler), and a SIGTERM that reaches
+            # this process only now (the other processes of a pod may get theirs late) is ignored.
+            self.saved = True
+            return
         for s, handler in self.previous.items():
             signal.signal(s, handler)
         if self.wakeup:
@@ -74,9 +83,3 @@ class StopSignals:
             signal.set_wakeup_fd(previous)
             writer.close()
             reader.shutdown(socket.SHUT_RDWR)  # ends the watcher
-        if self.previous and exception_type is Interrupted:
-            # The work is saved and the process is about to exit 128 + signal. The other processes of a pod
-            # may get their SIGTERM only now, and the default handler would turn the exit into a kill; a
-            # second Ctrl-C ends it at once, with no traceback from inside jax's exit handlers.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -269,7 +269,11 @@ def test_a_second_signal_stops_at_once_even_inside_a_compiled_outer_loop(tmp_pat
     process = start_train([*RUN, "--inner-steps", "400", "--outer-steps", "3", "--inner-loop", "compiled",
                            "--output-dir", str(tmp_path)])
     wait_for_records(tmp_path, 1, process)
-    time.sleep(1)  # inside outer loop 2: one compiled program of 400 steps, which takes seconds
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "checkpoints" / "1").is_dir():  # complete: the process is past its save, in outer loop 2
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.02)
+    time.sleep(0.5)  # inside outer loop 2: one compiled program of 400 steps, which takes seconds
     started = time.monotonic()
     process.send_signal(signal.SIGINT)
     time.sleep(0.3)
@@ -278,4 +282,20 @@ def test_a_second_signal_stops_at_once_even_inside_a_compiled_outer_loop(tmp_pat
     assert process.returncode == 128 + signal.SIGINT, stderr[-2000:]
     assert time.monotonic() - started < 3, "waited for the compiled outer loop"
     assert stderr.strip().splitlines()[-1].startswith("stopped at once by a second SIGINT")
-    assert read_metrics(tmp_path)[1][-1]["inner_seconds"] > 3  # which takes longer than that
+    # The first signal was still waiting for the outer loop (no clean stop before the second came) ...
+    assert "stopped by SIGINT" not in stderr, stderr[-2000:]
+    assert read_metrics(tmp_path)[1][-1]["inner_seconds"] > 3  # ... which takes longer than that
+
+
+def test_a_second_ctrl_c_after_the_clean_stop_still_exits_130(tmp_path):
+    """Once the work is saved the process leaves through jax's exit handlers, which take a moment: a Ctrl-C
+    then must still end it with 128 + SIGINT and a one-line message, not a kill by the default handler."""
+    process = start_train([*RUN, "--inner-steps", "2", "--outer-steps", "50", "--output-dir", str(tmp_path)])
+    wait_for_records(tmp_path, 1, process)
+    process.send_signal(signal.SIGINT)
+    for line in process.stderr:  # the clean stop's message: the watcher is the one left to act
+        if line.startswith("train.py: stopped by SIGINT"):
+            break
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 128 + signal.SIGINT, stderr[-2000:]

@@ -2,6 +2,7 @@
 import io
 
 import config
+import metrics
 import progress
 
 
@@ -97,3 +98,21 @@ def test_where_dispatch_waits_for_the_work_the_estimate_takes_no_step_time_from_
         assert capsys.readouterr().out == ("" if outer != 2 else "speed: 2 s per step of 512 images (256 img/s); an "
                                            "outer loop of 2 steps takes about 4.0 s, the whole run of 6 steps about "
                                            "12 s\n")
+
+
+def test_curves_are_redrawn_at_most_once_a_minute_and_once_more_when_the_run_ends(tmp_path, monkeypatch):
+    clock, drawn = Clock(), []
+    monkeypatch.setattr(metrics.time, "monotonic", clock)
+    monkeypatch.setattr(metrics, "write_curves", lambda path, records, config: drawn.append(len(records)))
+    with metrics.MetricsLog(str(tmp_path / "metrics.jsonl"), {"config": {}}, None) as log:
+        # Records 3 (at 65 s) and 6 (130 s) come a minute after a drawing; record 5 (124 s) does not.
+        for outer, seconds in enumerate((20, 30, 15, 5, 54, 6), 1):
+            clock.now += seconds
+            log.write({"outer": outer, "validation_accuracy": 0.5})
+            log.write({"summary": {}})  # not a record: no curve point
+        assert drawn == [3, 6]
+    assert drawn == [3, 6]  # nothing new to draw at the end
+    with metrics.MetricsLog(str(tmp_path / "metrics.jsonl"), {"config": {}}, None) as log:
+        log.write({"outer": 1, "validation_accuracy": 0.5})
+        assert drawn == [3, 6]
+    assert drawn == [3, 6, 1]  # a short run: drawn when it ends
