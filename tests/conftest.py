@@ -1,5 +1,6 @@
 """Eight emulated CPU devices, set before anything imports jax."""
 import os
+import shutil
 import sys
 import tempfile
 
@@ -9,9 +10,18 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["JAX_NUM_CPU_DEVICES"] = "8"  # jax's own setting: it wins over any device count in XLA_FLAGS
 # One persistent compilation cache for the session and the processes its tests start: most tests compile
 # the same small programs again, and a cache hit takes a tenth of a compile here (16 s -> 4.4 s for a run).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax-compilation-cache-"))
+# With pytest-xdist the main process sets it before its workers start, and they inherit it.
+OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jax-compilation-cache-")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 import xla_setup  # noqa: E402,F401
 
 SHARED_EUROSAT = os.path.join(ROOT, "..", "shared", "eurosat", "EuroSAT_RGB")
+
+
+def pytest_sessionfinish(session):
+    """The session's compilation cache goes with it, once any workers are done with it."""
+    if OWN_CACHE and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -6,33 +6,25 @@ from conftest import ROOT
 from helpers import device_env
 
 
-def test_bench_times_the_step_and_the_reference_and_writes_its_figures(tmp_path):
+def test_bench_times_variants_in_both_loops_and_the_reference_checks_each_against_nn_conv_and_profiles_it(
+        tmp_path):
     out = tmp_path / "bench.json"
-    env = device_env()  # bench.py --devices sets its own count
     subprocess.run([sys.executable, "bench.py", "--batch", "32", "--devices", "2", "--channels", "4,8", "--dense", "8",
                     "--image-size", "16", "--steps", "1", "--repeats", "1", "--inner-loop", "both", "--compare",
-                    "--json", str(out)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+                    "--variants", "base", "conv=space_to_depth,remat_gelu=1", "dtype=bfloat16", "--json", str(out),
+                    "--profile", str(tmp_path / "profile")],
+                   cwd=ROOT, env=device_env(), check=True, capture_output=True, timeout=300)  # --devices sets its own
     figures = json.loads(out.read_text())
     assert figures["devices"] == 2 and figures["microbatch"] == 16
-    assert [r["name"] for r in figures["rows"]] == [
-        "project, python loop", "project, compiled loop", "reference (float32 images, python loop)"]
+    variants = ["base", "conv=space_to_depth,remat_gelu=1", "dtype=bfloat16"]
+    assert [r["name"] for r in figures["rows"]] == [f"{v}, {mode} loop" for v in variants
+                                                    for mode in ("python", "compiled")] + [
+        "reference (float32 images, python loop)"]
     assert all(r["images_per_second"] > 0 and 0 < r["share_of_peak"] for r in figures["rows"])
     # 2 FLOPs per multiply-add, 3x the forward pass less the first conv's input gradient
     first, second, dense = 2 * 8 * 8 * 9 * 3 * 4, 2 * 4 * 4 * 9 * 4 * 8, 2 * (8 * 8 + 8 * 10)
     assert figures["flops_per_image"] == 3 * (first + second + dense) - first
-
-
-def test_bench_times_a_list_of_variants_in_one_process_and_checks_each_against_nn_conv(tmp_path):
-    out = tmp_path / "variants.json"
-    subprocess.run([sys.executable, "bench.py", "--batch", "16", "--devices", "2", "--channels", "4,8", "--dense", "8",
-                    "--image-size", "16", "--steps", "1", "--repeats", "1", "--inner-loop", "compiled",
-                    "--variants", "base", "conv=space_to_depth,remat_gelu=1", "dtype=bfloat16", "--json", str(out),
-                    "--profile", str(tmp_path / "profile")],
-                   cwd=ROOT, env=device_env(), check=True, capture_output=True, timeout=300)
-    figures = json.loads(out.read_text())
-    assert [r["name"] for r in figures["rows"]] == [
-        "base, compiled loop", "conv=space_to_depth,remat_gelu=1, compiled loop", "dtype=bfloat16, compiled loop"]
-    base, s2d, half = figures["rows"]
+    base, s2d, half = figures["rows"][1:6:2]  # the compiled loops
     assert base["conv"] == "patches" and s2d["conv"] == "space_to_depth" and s2d["remat_gelu"] is True
     assert base["logits_relative_error"] < 1e-6 and s2d["logits_relative_error"] < 1e-6  # the same function
     assert 1e-4 < half["logits_relative_error"] < 3e-2  # bf16's rounding, no more
@@ -42,7 +34,7 @@ def test_bench_times_a_list_of_variants_in_one_process_and_checks_each_against_n
     forward, backward = 768 + 4 * (256 + 128 + 2 * 384), 768 + 4 * (2 * 384 + 2 * 256)
     assert base["bytes_per_image"] == forward + backward and half["bytes_per_image"] == 768 * 2 + 2 * (
         256 + 128 + 2 * 384 + 2 * 384 + 2 * 256)
-    for row in figures["rows"]:  # a kernel profile of each: what takes the step's time
+    for row in figures["rows"][:-1]:  # a kernel profile of each: what takes the step's time
         kernels = row["profile"]["kernels"]
         assert kernels and all(0 < k["share"] <= 1 for k in kernels) and row["profile"]["microseconds_per_step"] > 0
 

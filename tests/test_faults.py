@@ -86,10 +86,21 @@ def test_a_scheduled_run_cannot_change_its_length_on_resume(tmp_path, capsys):
     assert "--outer-steps 1 -> 2" in capsys.readouterr().err
 
 
+# The run that the stopped and the killed runs below are resumed to, uninterrupted, on one process of 8
+# devices (this one's): made once, in this process.
+INTERRUPTED = [*RUN, "--inner-steps", "5", "--outer-steps", "10", "--schedule", "warmup_cosine", "--warmup-steps", "6"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    train.main([*INTERRUPTED, "--output-dir", str(output_dir)])
+    return outcomes(output_dir), latest_checkpoint(output_dir)[1]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_leaves_a_checkpoint_that_resumes_to_the_uninterrupted_result(tmp_path, signum):
-    args = [*RUN, "--inner-steps", "5", "--outer-steps", "12", "--schedule", "warmup_cosine",
-            "--warmup-steps", "6", "--output-dir", str(tmp_path / "stopped")]
+def test_a_stop_signal_leaves_a_checkpoint_that_resumes_to_the_uninterrupted_result(tmp_path, signum, request):
+    args = [*INTERRUPTED, "--output-dir", str(tmp_path / "stopped")]
     process = start_train(args)
     wait_for_records(tmp_path / "stopped", 2, process)
     process.send_signal(signum)
@@ -100,19 +111,18 @@ def test_a_stop_signal_leaves_a_checkpoint_that_resumes_to_the_uninterrupted_res
     assert last.startswith(f"train.py: stopped by {signal.Signals(signum).name} during outer loop ")
     assert "resumes it (run the same command)" in last
     checkpointed = latest_checkpoint(tmp_path / "stopped")[0]
-    assert 2 <= checkpointed < 12 and f"checkpoint after outer loop {checkpointed} " in last
+    assert 2 <= checkpointed < 10 and f"checkpoint after outer loop {checkpointed} " in last
     if signum == signal.SIGINT:
         return  # the same path as SIGTERM; the resume below is checked once
     resumed = run_train(args)
     assert f"resuming after outer loop {checkpointed}" in resumed.stdout
-    run_train([*args[:-1], str(tmp_path / "whole")])
-    assert outcomes(tmp_path / "stopped") == outcomes(tmp_path / "whole")
-    assert_same_tree(latest_checkpoint(tmp_path / "stopped")[1], latest_checkpoint(tmp_path / "whole")[1])
+    whole, whole_checkpoint = request.getfixturevalue("uninterrupted")
+    assert outcomes(tmp_path / "stopped") == whole
+    assert_same_tree(latest_checkpoint(tmp_path / "stopped")[1], whole_checkpoint)
 
 
-def test_a_dead_process_stops_the_others_in_bounded_time_and_its_checkpoint_resumes(tmp_path):
-    args = [*RUN, "--inner-steps", "5", "--outer-steps", "10", "--distributed-timeout", "10",
-            "--output-dir", str(tmp_path / "killed")]
+def test_a_dead_process_stops_the_others_in_bounded_time_and_its_checkpoint_resumes(tmp_path, uninterrupted):
+    args = [*INTERRUPTED, "--distributed-timeout", "10", "--output-dir", str(tmp_path / "killed")]
     port = free_port()
     processes = [start_train(args, devices=4, process_id=i, port=port) for i in range(2)]
     wait_for_records(tmp_path / "killed", 3, processes[0])
@@ -129,8 +139,7 @@ def test_a_dead_process_stops_the_others_in_bounded_time_and_its_checkpoint_resu
     resumed = run_train(args)
     assert f"resuming after outer loop {checkpointed}" in resumed.stdout
     assert [r["outer"] for r in read_metrics(tmp_path / "killed")[1]] == list(range(1, 11))
-    run_train([*args[:-1], str(tmp_path / "whole")])  # the same run, uninterrupted, on 1 x 8
-    resumed, whole = outcomes(tmp_path / "killed"), outcomes(tmp_path / "whole")
+    resumed, whole = outcomes(tmp_path / "killed"), [dict(r) for r in uninterrupted[0]]  # on 1 x 8
     np.testing.assert_allclose([r.pop("loss") for r in resumed], [r.pop("loss") for r in whole], rtol=1e-5)
     assert resumed == whole  # accuracies and which images were right
 
