@@ -180,20 +180,22 @@ def leaderboard_rows(points):
 
 
 def optimiser_summary(rows):
-    """Per optimiser: its best run, and the setting with the best median over seeds with that spread."""
+    """Per optimiser: its best run, and the setting with the best median over seeds with that spread. A
+    setting includes the batch size: runs of other batch sizes are not seeds of one another."""
     summary = []
     for optimiser in sorted({r["optimiser"] for r in rows}):
-        settings = {}
-        for r in rows:
-            if r["optimiser"] == optimiser:
-                key = (r["learning_rate"], r["weight_decay"], r["momentum"], r["epsilon"])
-                settings.setdefault(key, []).append(r["best_validation_accuracy"])
+        settings, mine = {}, [r for r in rows if r["optimiser"] == optimiser]
+        for r in mine:
+            key = (r["learning_rate"], r["weight_decay"], r["momentum"], r["epsilon"], r.get("batch_size", ""))
+            settings.setdefault(key, []).append(r["best_validation_accuracy"])
         key, scores = max(settings.items(), key=lambda item: statistics.median(item[1]))
+        several_batches = len({r.get("batch_size", "") for r in mine}) > 1
         summary.append({"optimiser": optimiser,
-                        "best": max(r["best_validation_accuracy"] for r in rows if r["optimiser"] == optimiser),
+                        "best": max(r["best_validation_accuracy"] for r in mine),
                         "best_setting": f"lr {key[0]:g}" + (f" wd {key[1]:g}" if key[1] != "" else "")
                                         + (f" momentum {key[2]:g}" if key[2] != "" else "")
-                                        + (f" eps {key[3]:g}" if key[3] != "" else ""),
+                                        + (f" eps {key[3]:g}" if key[3] != "" else "")
+                                        + (f" batch {key[4]}" if several_batches else ""),
                         "median_over_seeds": statistics.median(scores), "spread": max(scores) - min(scores),
                         "seeds": len(scores)})
     return sorted(summary, key=lambda s: -s["median_over_seeds"])

@@ -144,6 +144,12 @@ def test_the_per_optimiser_summary_takes_the_median_over_seeds():
     (summary,) = sweep.optimiser_summary(rows)
     assert summary["best_setting"].startswith("lr 0.003") and summary["median_over_seeds"] == 0.55
     assert summary["best"] == 0.9 and abs(summary["spread"] - 0.1) < 1e-12 and summary["seeds"] == 3
+    # Runs of another batch size at the same rate are another setting, not more seeds of this one.
+    rows = [dict(r, batch_size=2400) for r in rows] + [
+        dict(rows[0], batch_size=64, best_validation_accuracy=accuracy) for accuracy in (0.7, 0.8)]
+    best, = sweep.optimiser_summary(rows)
+    assert best["best_setting"] == "lr 0.01 wd 0 eps 1e-08 batch 64" and best["median_over_seeds"] == 0.75
+    assert best["seeds"] == 2 and sweep.optimiser_summary(rows[:6])[0]["best_setting"] == "lr 0.003 wd 0 eps 1e-08"
 
 
 def test_a_header_from_before_a_flag_existed_reads_as_the_run_it_was():
