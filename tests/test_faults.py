@@ -3,6 +3,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import flax
@@ -14,8 +16,9 @@ from PIL import Image
 import checkpoint
 import data
 import train
-from helpers import (SMALL, free_port, latest_checkpoint, make_images, read_metrics, run_train, start_train,
-                     wait_for_records)
+from conftest import ROOT
+from helpers import (SMALL, device_env, free_port, latest_checkpoint, make_images, read_metrics, run_train,
+                     start_train, wait_for_records)
 from model import ConvNet
 
 RUN = [*SMALL, "--synthetic-examples", "300", "--inner-steps", "3"]
@@ -112,6 +115,7 @@ def test_a_stop_signal_leaves_a_checkpoint_that_resumes_to_the_uninterrupted_res
     assert "resumes it (run the same command)" in last
     checkpointed = latest_checkpoint(tmp_path / "stopped")[0]
     assert 2 <= checkpointed < 10 and f"checkpoint after outer loop {checkpointed} " in last
+    assert (tmp_path / "stopped" / "curves.png").exists()  # drawn as the stopped run's log closed
     if signum == signal.SIGINT:
         return  # the same path as SIGTERM; the resume below is checked once
     resumed = run_train(args)
@@ -262,6 +266,7 @@ def test_an_update_that_blows_up_the_params_is_caught_in_its_own_outer_loop(tmp_
     assert result.returncode == 3, result.stderr[-2000:]
     message = [line for line in result.stderr.splitlines() if "diverged" in line]
     assert len(message) == 1 and "logits are not finite after outer loop 2 " in message[0], result.stderr[-2000:]
+    assert (tmp_path / "curves.png").exists()  # drawn as the diverged run's log closed
     header, records, _ = read_metrics(tmp_path)
     assert [r["outer"] for r in records] == [1, 2] and records[-1].get("diverged")
     best_params = flax.serialization.msgpack_restore((tmp_path / "best_params.msgpack").read_bytes())
@@ -306,5 +311,39 @@ def test_a_second_ctrl_c_after_the_clean_stop_still_exits_130(tmp_path):
         if line.startswith("train.py: stopped by SIGINT"):
             break
     process.send_signal(signal.SIGINT)
-    stderr = process.communicate(timeout=120)[1]
-    assert process.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 128 + signal.SIGINT, rest[-2000:]
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest[-2000:]
+    # Either the process had left before the signal came, or the watcher ended it with its line.
+    assert rest.strip() == "" or rest.strip().splitlines()[-1].startswith("stopped at once by a second SIGINT")
+    assert (tmp_path / "curves.png").exists()  # drawn as the stopped run's log closed
+
+
+@pytest.mark.parametrize("signalled", [True, False])
+def test_after_a_clean_stop_a_late_sigterm_is_ignored_and_a_ctrl_c_exits_130_at_once(signalled):
+    """What the watcher does once the work is saved, in a process that got the first signal itself and in one
+    that stopped on another process's word (a pod's preemption reaches hosts at different moments)."""
+    script = (
+        "import os, signal, time\n"
+        "from errors import Interrupted\n"
+        "from stopping import StopSignals\n"
+        "try:\n"
+        "    with StopSignals() as stop:\n"
+        f"        if {signalled}:\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "            while stop.received is None:\n"
+        "                time.sleep(0.01)\n"
+        "        raise Interrupted(signal.SIGTERM, 'during outer loop 2')\n"
+        "except Interrupted:\n"
+        "    pass\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.5)\n"
+        "print('alive after SIGTERM', flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(30)\n")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], env=device_env(1), cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 128 + signal.SIGINT, result.stderr[-2000:]
+    assert result.stdout == "alive after SIGTERM\n" and time.monotonic() - started < 20
+    assert result.stderr.strip().splitlines()[-1].startswith("stopped at once by a second SIGINT"), result.stderr

@@ -102,11 +102,12 @@ def test_where_dispatch_waits_for_the_work_the_estimate_takes_no_step_time_from_
 
 def test_curves_are_redrawn_at_most_once_a_minute_and_once_more_when_the_run_ends(tmp_path, monkeypatch):
     clock, drawn = Clock(), []
+    clock.now = 1000.0  # the minute counts from the log's start, not from the clock's zero
     monkeypatch.setattr(metrics.time, "monotonic", clock)
     monkeypatch.setattr(metrics, "write_curves", lambda path, records, config: drawn.append(len(records)))
     with metrics.MetricsLog(str(tmp_path / "metrics.jsonl"), {"config": {}}, None) as log:
-        # Records 3 (at 65 s) and 6 (130 s) come a minute after a drawing; record 5 (124 s) does not.
-        for outer, seconds in enumerate((20, 30, 15, 5, 54, 6), 1):
+        # Records 3 (at 60 s) and 6 (125 s) come a minute after a drawing; record 5 (119 s) does not.
+        for outer, seconds in enumerate((20, 30, 10, 5, 54, 6), 1):
             clock.now += seconds
             log.write({"outer": outer, "validation_accuracy": 0.5})
             log.write({"summary": {}})  # not a record: no curve point
