@@ -3,6 +3,8 @@
 The lowest module: every other one may raise these, and the entry points hand their work to
 `exit_on_failure`, so a known failure never reaches the user as a traceback.
 """
+import atexit
+import os
 import signal
 import sys
 from typing import Callable
@@ -57,7 +59,21 @@ def exit_on_failure(program: str, fn: Callable, *fn_args):
         sys.exit(3)
     except Interrupted as error:
         print(f"{program}: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
+        leave_after_a_stop(error.exit_code)
     except PeerError as error:
         print(f"{program}: error: {error}", file=sys.stderr)
         sys.exit(4)
+
+
+def leave_after_a_stop(code: int):
+    """Ends a stopped process (its work is saved) with `code`: the exit functions run as usual (jax's own
+    shutdown among them, while the stop-signal watcher still acts on a second Ctrl-C), then the process
+    ends without Python's teardown of its modules. That teardown first puts back the default signal handlers,
+    so in its last second or so a Ctrl-C, or a pod's late SIGTERM, would turn the exit into a kill (-2, -15);
+    nothing in it is needed once the work is on disk."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

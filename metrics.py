@@ -2,6 +2,7 @@
 import base64
 import json
 import os
+import sys
 import time
 from typing import Callable
 
@@ -55,17 +56,23 @@ class MetricsLog:
                     self.draw_curves()
 
     def draw_curves(self) -> None:
-        write_curves(self.curves, self.records, self.config)
-        self.curves_drawn, self.curves_at = len(self.records), time.monotonic()
+        """curves.png with every record so far, if any is not drawn yet (and this process writes)."""
+        if self.file and len(self.records) > self.curves_drawn:
+            write_curves(self.curves, self.records, self.config)
+            self.curves_drawn, self.curves_at = len(self.records), time.monotonic()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exception):
+    def __exit__(self, exception_type, *_):
         if self.file:
             self.file.close()
-            if len(self.records) > self.curves_drawn:
+            try:
                 self.draw_curves()
+            except Exception as error:  # a picture must not hide why the run ended (a stop, a divergence)
+                if exception_type is None:
+                    raise
+                print(f"curves.png not drawn: {type(error).__name__}: {error}", file=sys.stderr)
 
 
 class Pack:

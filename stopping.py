@@ -71,10 +71,12 @@ class StopSignals:
     def __exit__(self, exception_type, *_):
         if self.previous and exception_type is Interrupted:
             # The work is saved and the process is about to exit 128 + signal, through jax's exit handlers,
-            # which can take a while. The watcher stays until the process ends: a second Ctrl-C then ends it
-            # at once with the same exit code (not killed by the default handler), and a SIGTERM that reaches
-            # this process only now (the other processes of a pod may get theirs late) is ignored.
+            # which can take a while (errors.leave_after_a_stop). The watcher stays until the process ends: a
+            # second Ctrl-C then ends it at once with the same exit code, not a kill by the default handler.
+            # A SIGTERM that reaches this process only now (the other processes of a pod may get theirs late)
+            # is ignored, by the OS: Python's teardown would put a Python handler back to the default.
             self.saved = True
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             return
         for s, handler in self.previous.items():
             signal.signal(s, handler)

@@ -393,6 +393,8 @@ def outer_loops(config, prepared: Prepared, programs: Programs, checkpoints, res
                                                                "train_seconds", "elapsed_seconds")})
             progress.update(outer=outer, loss=record["loss"], train_seconds=record["train_seconds"],
                             elapsed_seconds=record["elapsed_seconds"])
+            if checkpoint.finished(config, progress):
+                metrics.draw_curves()  # complete before the last checkpoint: a finished run is not trained again
             if checkpoints:
                 checkpoint.save(checkpoints, state, best_params, progress, record["validation_accuracy"])
             if config.stop_at_target and checkpoint.finished(config, progress) and outer < config.outer_steps:

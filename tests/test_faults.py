@@ -319,6 +319,57 @@ def test_a_second_ctrl_c_after_the_clean_stop_still_exits_130(tmp_path):
     assert (tmp_path / "curves.png").exists()  # drawn as the stopped run's log closed
 
 
+def test_sigterms_after_the_clean_stop_are_ignored_to_the_very_end(tmp_path):
+    """A pod's late SIGTERMs while the stopped process leaves: Python's teardown puts its handlers back to the
+    defaults, so the process must not depend on one in its last second (it ends 130, never killed by -15)."""
+    process = start_train([*RUN, "--inner-steps", "2", "--outer-steps", "50", "--output-dir", str(tmp_path)])
+    wait_for_records(tmp_path, 1, process)
+    process.send_signal(signal.SIGINT)
+    for line in process.stderr:
+        if line.startswith("train.py: stopped by SIGINT"):
+            break
+    while process.poll() is None:  # one every few milliseconds until it has gone
+        try:
+            process.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            break
+        time.sleep(0.005)
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 128 + signal.SIGINT, rest[-2000:]
+
+
+def test_a_stopped_process_runs_its_exit_functions_then_ends_without_pythons_teardown():
+    """Python's teardown (after the exit functions) puts the default signal handlers back, where a late Ctrl-C
+    kills the process: a stopped process, its work saved, runs jax's exit functions and ends there."""
+    script = (
+        "import atexit, signal\n"
+        "import errors\n"
+        "atexit.register(print, 'exit functions ran', flush=True)\n"
+        "class Teardown:\n"
+        "    def __del__(self):\n"
+        "        print('teardown', flush=True)\n"
+        "teardown = Teardown()\n"
+        "def stopped():\n"
+        "    raise errors.Interrupted(signal.SIGINT, 'during outer loop 1')\n"
+        "errors.exit_on_failure('train.py', stopped)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 128 + signal.SIGINT and result.stdout == "exit functions ran\n", result
+    assert result.stderr == "train.py: stopped by SIGINT during outer loop 1\n"
+
+
+def test_a_finished_runs_curves_are_drawn_before_its_last_checkpoint(tmp_path, monkeypatch):
+    """A finished run is never trained again, so its picture must be complete before the checkpoint that
+    marks it finished (a process killed after that checkpoint would otherwise leave none)."""
+    seen, save = [], checkpoint.save
+
+    def watched_save(checkpoints, state, best_params, progress, accuracy):
+        seen.append((progress["outer"], (tmp_path / "curves.png").exists()))
+        return save(checkpoints, state, best_params, progress, accuracy)
+    monkeypatch.setattr(checkpoint, "save", watched_save)
+    train.main([*RUN, "--outer-steps", "2", "--output-dir", str(tmp_path)])
+    assert seen == [(1, False), (2, True)]
+
+
 @pytest.mark.parametrize("signalled", [True, False])
 def test_after_a_clean_stop_a_late_sigterm_is_ignored_and_a_ctrl_c_exits_130_at_once(signalled):
     """What the watcher does once the work is saved, in a process that got the first signal itself and in one

@@ -1,7 +1,10 @@
 """What a run shows while it runs: the estimate line, the plain progress lines in a log, the bar on a terminal."""
 import io
 
+import pytest
+
 import config
+import errors
 import metrics
 import progress
 
@@ -117,3 +120,17 @@ def test_curves_are_redrawn_at_most_once_a_minute_and_once_more_when_the_run_end
         log.write({"outer": 1, "validation_accuracy": 0.5})
         assert drawn == [3, 6]
     assert drawn == [3, 6, 1]  # a short run: drawn when it ends
+
+
+def test_a_picture_that_cannot_be_drawn_does_not_hide_why_the_run_ended(tmp_path, monkeypatch, capsys):
+    def broken(path, records, config):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(metrics, "write_curves", broken)
+    with pytest.raises(errors.Interrupted):
+        with metrics.MetricsLog(str(tmp_path / "metrics.jsonl"), {"config": {}}, None) as log:
+            log.write({"outer": 1, "validation_accuracy": 0.5})
+            raise errors.Interrupted(15, "during outer loop 2")
+    assert "curves.png not drawn: OSError: No space left on device" in capsys.readouterr().err
+    with pytest.raises(OSError):  # a run that ended well reports it
+        with metrics.MetricsLog(str(tmp_path / "metrics.jsonl"), {"config": {}}, None) as log:
+            log.write({"outer": 1, "validation_accuracy": 0.5})
