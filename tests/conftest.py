@@ -25,3 +25,14 @@ def pytest_sessionfinish(session):
     """The session's compilation cache goes with it, once any workers are done with it."""
     if OWN_CACHE and not hasattr(session.config, "workerinput"):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+# The files of the slowest tests first: pytest-xdist hands tests to its workers in this order, so the many
+# short ones at the end even out when the two workers finish.
+SLOWEST_FIRST = ("test_faults.py", "test_train.py", "test_bench.py", "test_sweep.py", "test_batches.py",
+                 "test_study.py", "test_model.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: number for number, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FIRST)))  # stable: a file keeps its order

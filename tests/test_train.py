@@ -21,7 +21,7 @@ import optimisers
 import parallel
 import train
 from conftest import ROOT
-from helpers import SMALL, device_env, free_port, latest_checkpoint, make_images, read_metrics, run_train, start_train
+from helpers import SMALL, device_env, latest_checkpoint, make_images, read_metrics, run_train
 from metrics import unpack_bits
 from model import ConvNet
 
@@ -217,23 +217,6 @@ def test_a_bfloat16_run_learns_end_to_end_and_its_best_params_give_its_best_accu
     best_params = flax.serialization.from_bytes(template, (tmp_path / "best_params.msgpack").read_bytes())
     validation = data.load_synthetic("validation", 500, 16, 0, 1)
     assert accuracy(model, best_params, validation) == summary["best"]["validation_accuracy"]
-
-
-def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
-    # The shapes of test_faults.py's runs: their programs come from the compilation cache.
-    args = [*SMALL, "--synthetic-examples", "300", "--inner-steps", "3", "--outer-steps", "2"]
-    train.main([*args, "--output-dir", str(tmp_path / "single")])  # this process: 8 devices
-    port = free_port()
-    processes = [start_train([*args, "--output-dir", str(tmp_path / "multi")], devices=4, process_id=i, port=port)
-                 for i in range(2)]
-    outputs = [p.communicate(timeout=300) for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
-    assert "outer 2/2" in outputs[0][0] and "outer" not in outputs[1][0]  # process 0 alone reports
-    single, multi = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "multi")
-    assert multi[0]["processes"] == 2 and multi[0]["train_examples"] == single[0]["train_examples"] == 240
-    np.testing.assert_allclose([r["loss"] for r in multi[1]], [r["loss"] for r in single[1]], rtol=1e-5)
-    for key in ("train_accuracy", "validation_accuracy", "validation_correct"):
-        assert [r[key] for r in multi[1]] == [r[key] for r in single[1]]
 
 
 @pytest.mark.parametrize("argv,message", [
