@@ -11,12 +11,12 @@ def test_bench_times_variants_in_both_loops_and_the_reference_checks_each_agains
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, "bench.py", "--batch", "32", "--devices", "2", "--channels", "4,8", "--dense", "8",
                     "--image-size", "16", "--steps", "1", "--repeats", "1", "--inner-loop", "both", "--compare",
-                    "--variants", "base", "conv=space_to_depth,remat_gelu=1", "dtype=bfloat16", "--json", str(out),
+                    "--variants", "base", "conv=space_to_depth,remat_gelu=1,dtype=bfloat16", "--json", str(out),
                     "--profile", str(tmp_path / "profile")],
                    cwd=ROOT, env=device_env(), check=True, capture_output=True, timeout=300)  # --devices sets its own
     figures = json.loads(out.read_text())
     assert figures["devices"] == 2 and figures["microbatch"] == 16
-    variants = ["base", "conv=space_to_depth,remat_gelu=1", "dtype=bfloat16"]
+    variants = ["base", "conv=space_to_depth,remat_gelu=1,dtype=bfloat16"]
     assert [r["name"] for r in figures["rows"]] == [f"{v}, {mode} loop" for v in variants
                                                     for mode in ("python", "compiled")] + [
         "reference (float32 images, python loop)"]
@@ -24,9 +24,9 @@ def test_bench_times_variants_in_both_loops_and_the_reference_checks_each_agains
     # 2 FLOPs per multiply-add, 3x the forward pass less the first conv's input gradient
     first, second, dense = 2 * 8 * 8 * 9 * 3 * 4, 2 * 4 * 4 * 9 * 4 * 8, 2 * (8 * 8 + 8 * 10)
     assert figures["flops_per_image"] == 3 * (first + second + dense) - first
-    base, s2d, half = figures["rows"][1:6:2]  # the compiled loops
-    assert base["conv"] == "patches" and s2d["conv"] == "space_to_depth" and s2d["remat_gelu"] is True
-    assert base["logits_relative_error"] < 1e-6 and s2d["logits_relative_error"] < 1e-6  # the same function
+    base, half = figures["rows"][1:4:2]  # the compiled loops
+    assert base["conv"] == "patches" and half["conv"] == "space_to_depth" and half["remat_gelu"] is True
+    assert base["logits_relative_error"] < 1e-6  # the same function as nn.Conv's (each conv: test_model.py)
     assert 1e-4 < half["logits_relative_error"] < 3e-2  # bf16's rounding, no more
     assert figures["copy_bandwidth_bytes_per_second"] > 0 and all(0 < r["share_of_byte_bound"] for r in figures["rows"])
     # Per image, forward: the uint8 images, each conv's input, z and h written, the pool's read of the last h;
