@@ -393,11 +393,12 @@ def outer_loops(config, prepared: Prepared, programs: Programs, checkpoints, res
                                                                "train_seconds", "elapsed_seconds")})
             progress.update(outer=outer, loss=record["loss"], train_seconds=record["train_seconds"],
                             elapsed_seconds=record["elapsed_seconds"])
-            if checkpoint.finished(config, progress):
+            finished = checkpoint.finished(config, progress)
+            if finished:
                 metrics.draw_curves()  # complete before the last checkpoint: a finished run is not trained again
             if checkpoints:
                 checkpoint.save(checkpoints, state, best_params, progress, record["validation_accuracy"])
-            if config.stop_at_target and checkpoint.finished(config, progress) and outer < config.outer_steps:
+            if config.stop_at_target and finished and outer < config.outer_steps:
                 log(f"stopping: reached --target-accuracy {config.target_accuracy}")
         summary = summarise(config, prepared, programs, best_params, progress)
         metrics.write({"summary": summary})
