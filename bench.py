@@ -270,13 +270,15 @@ def time_variant(name, config, a, per_device, batch, check_images, reference_log
                                         config)
     error = logits_error(model, state.params, reference_logits, check_images)
     state = parallel.replicate(state)
-    step_kwargs = dict(example_count=float(a.batch), microbatch=microbatch)
+    step_kwargs = dict(example_count=float(a.batch), population=float(a.batch), microbatch=microbatch)
     rows = []
     for mode in ["python", "compiled"] if a.inner_loop == "both" else [a.inner_loop]:
-        if mode == "python":
-            step = jax.pmap(functools.partial(train.train_step, **step_kwargs), axis_name=parallel.AXIS,
+        if mode == "python":  # train.py's own step: with what the optimiser did, the noise scale and a stop flag
+            step = jax.pmap(functools.partial(train.step_agreeing_to_stop, **step_kwargs), axis_name=parallel.AXIS,
                             donate_argnums=0)
-            run_steps = python_loop(step, a.steps)
+            zeros = np.zeros(jax.local_device_count(), np.int32)
+            no_sums = np.zeros((jax.local_device_count(), 2), np.float32)
+            run_steps = python_loop(lambda state, *batch: step(state, *batch, zeros, no_sums, zeros)[:2], a.steps)
         else:
             run_steps = jax.pmap(functools.partial(train.inner_loop, steps=a.steps, **step_kwargs),
                                  axis_name=parallel.AXIS, donate_argnums=0)

@@ -147,7 +147,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     add("--remat-gelu", action="store_true",
         help="recompute each GELU in the backward pass instead of keeping its output (less memory traffic)")
     add("--microbatch", type=int, default=default.microbatch,
-        help="examples per device per gradient chunk (accumulated inside the step); 0: chosen from device memory")
+        help="examples per device per gradient chunk (accumulated inside the step; the chunks are also the noise "
+             "scale's small batches); in a whole-set step rounded down to a multiple of 8, whole images with their "
+             "8 forms; 0: chosen from device memory")
     add("--target-accuracy", type=float, default=default.target_accuracy,
         help="report when validation accuracy first reaches it")
     add("--stop-at-target", action="store_true", help="stop once --target-accuracy is reached")

@@ -109,7 +109,8 @@ def read_pack(path: str) -> dict[str, list[dict]]:
 
 
 def write_curves(path: str, records: list[dict], config: dict) -> None:
-    """curves.png of a run: loss; train and validation accuracy; the learning rate in force. Written
+    """curves.png of a run: loss; train and validation accuracy; the learning rate in force; the gradient
+    noise scale B_simple (noise_scale.py). Written
     atomically; skipped where matplotlib is missing (a bare accelerator machine)."""
     try:
         import matplotlib
@@ -118,7 +119,7 @@ def write_curves(path: str, records: list[dict], config: dict) -> None:
     except ImportError:  # pragma: no cover
         return
     steps = [r["step"] for r in records]
-    figure, (loss, accuracy, rate) = plt.subplots(1, 3, figsize=(13, 3.6))
+    figure, (loss, accuracy, rate, noise) = plt.subplots(1, 4, figsize=(17, 3.6))
     loss.plot(steps, [r["loss"] for r in records], marker=".")
     loss.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
     accuracy.plot(steps, [r["train_accuracy"] for r in records], marker=".", label="train")
@@ -127,7 +128,11 @@ def write_curves(path: str, records: list[dict], config: dict) -> None:
     accuracy.legend()
     rate.plot(steps, [r.get("learning_rate", float("nan")) for r in records], marker=".")
     rate.set(xlabel="step", ylabel="learning rate", title="rate in force (last step of each outer loop)")
-    for axes in (loss, accuracy, rate):
+    measured = [(r["step"], r["b_simple"]) for r in records if r.get("b_simple")]
+    noise.plot([m[0] for m in measured], [m[1] for m in measured], marker=".")
+    noise.set(xlabel="step", ylabel="B_simple (training images)", yscale="log" if measured else "linear",
+              title="gradient noise scale (mean over each outer loop)")
+    for axes in (loss, accuracy, rate, noise):
         axes.grid(alpha=0.3)
     figure.suptitle(f"{config['optimiser']} lr {config['learning_rate']:g} ({config['schedule']})")
     figure.tight_layout()
@@ -188,6 +193,15 @@ def model_line(config, params: int, conv: str, inner_mode: str, microbatch: int,
             f"microbatch {microbatch} of {per_device} per device")
 
 
+def noise_text(record: dict) -> str:
+    """The noise scale, short: B_simple in training images, and how many such batches the whole set holds."""
+    b, ratio = record.get("b_simple"), record.get("set_over_b_simple")
+    if b is None:
+        return ""
+    return (f"B_simple {f'{b:,.0f}' if b >= 10 else f'{b:.2g}'} img" + (f" (set/B {ratio:,.1f})" if ratio else "")
+            + " | ")
+
+
 def outer_line(outer_steps: int, record: dict, best: dict, first: bool) -> str:
     """One outer loop on the console, with what the optimiser did in its last update: the rate in force,
     the gradient's norm, and the smallest, median and largest ratio of an array's update to its norm."""
@@ -197,5 +211,6 @@ def outer_line(outer_steps: int, record: dict, best: dict, first: bool) -> str:
             f"train acc {record['train_accuracy']:.4f} val acc {record['validation_accuracy']:.4f} "
             f"(best {best['validation_accuracy']:.4f} @ outer {best['outer']}) | lr {record['learning_rate']:.3g} "
             f"grad {record['gradient_norm']:.3g} update/param {spread} | {record['inner_seconds']:.2f}s "
-            f"{record['images_per_second']:,.0f} img/s | elapsed {record['elapsed_seconds']:.1f}s"
+            f"{record['images_per_second']:,.0f} img/s | " + noise_text(record)
+            + f"elapsed {record['elapsed_seconds']:.1f}s"
             + (" (includes compilation)" if first else ""))

@@ -125,13 +125,16 @@ def choose_conv(config) -> str:
     return "patches" if jax.default_backend() == "cpu" else "xla"
 
 
-def choose_microbatch(config, per_device: int, image_size: int) -> int:
+def choose_microbatch(config, per_device: int, image_size: int, group: int = 1) -> int:
     """--microbatch; on the CPU with patch convs a cache-sized chunk; else the largest chunk whose
-    activations take a quarter of a device's memory."""
+    activations take a quarter of a device's memory. Rounded down to a multiple of `group` (at least one
+    group): a whole-set step passes 8, so that a chunk holds whole images with all their dihedral forms."""
     if config.microbatch:
-        return min(config.microbatch, per_device)
-    if jax.default_backend() == "cpu" and choose_conv(config) == "patches":
-        return min(CPU_MICROBATCH, per_device)
-    dtype_bytes = 2 if config.dtype == "bfloat16" else 4
-    fits = device_memory_bytes() // 4 // activation_bytes_per_example(image_size, config.channels, dtype_bytes)
-    return max(1, min(per_device, fits))
+        chosen = min(config.microbatch, per_device)
+    elif jax.default_backend() == "cpu" and choose_conv(config) == "patches":
+        chosen = min(CPU_MICROBATCH, per_device)
+    else:
+        dtype_bytes = 2 if config.dtype == "bfloat16" else 4
+        fits = device_memory_bytes() // 4 // activation_bytes_per_example(image_size, config.channels, dtype_bytes)
+        chosen = max(1, min(per_device, fits))
+    return max(group, chosen // group * group) if chosen < per_device else chosen

@@ -25,6 +25,7 @@ from jax import lax
 
 import checkpoint
 import data
+import noise_scale
 from config import parse as parse_config
 from device_data import Prepared, load_split, prepare, prepare_split
 from errors import Diverged, Interrupted, UsageError, exit_on_failure
@@ -94,23 +95,28 @@ def draw(images, labels, mask, step, seed, *, per_device_batch):
     return images[index], labels[index], mask[index]
 
 
-def loss_and_gradient(state, images, labels, mask, *, example_count, microbatch, per_device_batch=0, seed=0):
-    """The mean loss over the global batch and its gradient (this device holds a shard). With
-    per_device_batch, the batch is drawn from the shard (`draw`); else it is the whole shard."""
+def loss_and_gradient(state, images, labels, mask, *, example_count, population, microbatch, per_device_batch=0,
+                      seed=0):
+    """The mean loss over the global batch, its gradient (this device holds a shard), and the step's
+    estimates of tr(Sigma) and |G|^2 from its gradient chunks (noise_scale.py). With per_device_batch, the
+    batch is drawn from the shard (`draw`); else it is the whole shard."""
     if per_device_batch:
         images, labels, mask = draw(images, labels, mask, state.step, seed, per_device_batch=per_device_batch)
 
-    def loss_and_grads(x, y, m):
-        return jax.value_and_grad(loss_sum)(state.params, state.apply_fn, x, y, m)
+    def chunk(x, y, m):
+        loss, grads = jax.value_and_grad(loss_sum)(state.params, state.apply_fn, x, y, m)
+        return loss, grads, noise_scale.chunk_terms(grads, jnp.sum(m))
 
-    local_loss, local_grads = summed_over_chunks(loss_and_grads, (images, labels, mask), microbatch)
-    # Sums from every device of every host over the global count: the same step on 1 device or 256.
-    return jax.tree.map(lambda s: lax.psum(s, AXIS) / example_count, (local_loss, local_grads))
+    local = summed_over_chunks(chunk, (images, labels, mask), microbatch)
+    # Sums from every device of every host (one all-reduce): the same step on 1 device or 256.
+    loss, grads, terms = lax.psum(local, AXIS)
+    loss, grads = jax.tree.map(lambda s: s / example_count, (loss, grads))
+    return loss, grads, noise_scale.estimates(terms, grads, example_count, population)
 
 
 def train_step(state, images, labels, mask, **step_kwargs):
     """One update with the gradient of the mean loss over the global batch; (new state, loss before it)."""
-    loss, grads = loss_and_gradient(state, images, labels, mask, **step_kwargs)
+    loss, grads, _ = loss_and_gradient(state, images, labels, mask, **step_kwargs)
     return state.apply_gradients(grads=grads), loss
 
 
@@ -126,27 +132,31 @@ def optimiser_statistics(grads, params, new_params) -> dict:
             "update_ratios": ratios}
 
 
-def observed_step(state, images, labels, mask, **step_kwargs):
-    """train_step, plus what the optimiser did (the same on every device: the gradient is all-reduced)."""
-    loss, grads = loss_and_gradient(state, images, labels, mask, **step_kwargs)
+def observed_step(state, images, labels, mask, noise_sums, **step_kwargs):
+    """train_step, plus what the optimiser did (the same on every device: the gradient is all-reduced) and
+    `noise_sums` plus this step's (tr(Sigma), |G|^2) estimates: an outer loop sums them over its steps."""
+    loss, grads, noise = loss_and_gradient(state, images, labels, mask, **step_kwargs)
     new_state = state.apply_gradients(grads=grads)
-    return new_state, loss, optimiser_statistics(grads, state.params, new_state.params)
+    return new_state, loss, {**optimiser_statistics(grads, state.params, new_state.params),
+                             "noise_sums": noise_sums + noise}
 
 
-def step_agreeing_to_stop(state, images, labels, mask, seed, stop_signal, **step_kwargs):
+def step_agreeing_to_stop(state, images, labels, mask, seed, noise_sums, stop_signal, **step_kwargs):
     """observed_step, plus the largest stop signal any process passed in: every process reads the same
     value after the same step, so all of them stop together."""
-    return *observed_step(state, images, labels, mask, seed=seed, **step_kwargs), lax.pmax(stop_signal, AXIS)
+    return (*observed_step(state, images, labels, mask, noise_sums, seed=seed, **step_kwargs),
+            lax.pmax(stop_signal, AXIS))
 
 
 def inner_loop(state, images, labels, mask, seed=0, *, steps, **step_kwargs):
     """`steps` updates as one program; returns the new state, the loss before the last update and what
-    the optimiser did in the last update."""
+    the optimiser did in the last update (with the noise estimates summed over the steps)."""
     step_kwargs["seed"] = seed
 
     def body(_, carry):
-        return observed_step(carry[0], images, labels, mask, **step_kwargs)
-    shapes = jax.eval_shape(lambda: observed_step(state, images, labels, mask, **step_kwargs)[2])
+        return observed_step(carry[0], images, labels, mask, carry[2]["noise_sums"], **step_kwargs)
+    no_sums = jnp.zeros(2, jnp.float32)
+    shapes = jax.eval_shape(lambda: observed_step(state, images, labels, mask, no_sums, **step_kwargs)[2])
     nothing_yet = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     return lax.fori_loop(0, steps, body, (state, jnp.zeros((), jnp.float32), nothing_yet))
 
@@ -196,8 +206,11 @@ def build_programs(config, prepared: Prepared) -> Programs:
     optimiser = make_optimiser(config.optimiser, config.schedule, config.warmup_steps,
                                config.inner_steps * config.outer_steps)
     per_device_batch = batch_share(config.batch_size, prepared)
-    microbatch = choose_microbatch(config, per_device_batch or prepared.train_data[0].shape[1], image_shape[0])
-    step_kwargs = dict(example_count=float(config.batch_size or prepared.train_count * prepared.stride),
+    # A whole-set chunk holds whole images (all 8 forms): the noise estimate is then image-level.
+    microbatch = choose_microbatch(config, per_device_batch or prepared.train_data[0].shape[1], image_shape[0],
+                                   group=1 if per_device_batch else prepared.stride)
+    whole_set = float(prepared.train_count * prepared.stride)
+    step_kwargs = dict(example_count=float(config.batch_size or whole_set), population=whole_set,
                        microbatch=microbatch, per_device_batch=per_device_batch)
     if inner_mode == "compiled":
         loop = jax.pmap(functools.partial(inner_loop, steps=config.inner_steps, **step_kwargs),
@@ -241,12 +254,14 @@ def python_inner_loop(step, steps, state, *batch, seed, stop: StopSignals, on_st
     """The inner steps as a host loop of pmapped steps, or None when a stop signal came before they were
     all done (every process then stops after the same step). on_step() follows each finished step."""
     loss, statistics, agreed = None, None, None
+    noise_sums = np.zeros((jax.local_device_count(), 2), np.float32)
     for _ in range(steps):
         if jax.process_count() == 1 and stop.received:  # alone, no need to wait for an agreement
             stop.agreed = stop.received
             return None
         seeds = np.full(jax.local_device_count(), seed, np.int32)
-        state, next_loss, next_statistics, next_agreed = step(state, *batch, seeds, stop.flags())
+        state, next_loss, next_statistics, next_agreed = step(state, *batch, seeds, noise_sums, stop.flags())
+        noise_sums = next_statistics["noise_sums"]
         if agreed is not None:
             if int(agreed[0]):  # waits for the step before: one step queued at most
                 next_loss.block_until_ready()  # every process launched this step; let it end everywhere
@@ -385,7 +400,9 @@ def outer_loops(config, prepared: Prepared, programs: Programs, checkpoints, res
             state, loss, statistics = done
             record = evaluate(config, prepared, programs, state, float(loss[0]), tick, progress, metrics)
             display.outer_done(record["inner_seconds"], outer - first_outer + 1)
-            record.update(optimiser_record(config, outer, statistics), elapsed_seconds=time.perf_counter() - started)
+            record.update(optimiser_record(config, outer, statistics), elapsed_seconds=time.perf_counter() - started,
+                          **noise_scale.record_fields(statistics["noise_sums"][0], config.inner_steps,
+                                                      prepared.stride, prepared.train_count))
             best_params = keep_best(config, record, state, best_params, progress)
             log(outer_line(config.outer_steps, record, progress["best"], first=outer == first_outer))
             metrics.write(record)  # before the checkpoint: a resume may redo a line, never lose one

@@ -49,7 +49,7 @@ def test_padded_sharded_step_equals_the_unpadded_single_device_computation(micro
     state = flax.jax_utils.replicate(optimisers.create_state(model, optax.sgd(1.0), 0, (8, 8, 3)))
     state = state.replace(params=flax.jax_utils.replicate(params))
     batch = parallel.on_devices(*data.pad_and_shard(split, 8, 2))  # (8, 2, ...)
-    step = jax.pmap(functools.partial(train.train_step, example_count=13.0, microbatch=microbatch),
+    step = jax.pmap(functools.partial(train.train_step, example_count=13.0, population=13.0, microbatch=microbatch),
                     axis_name=parallel.AXIS)
     new_state, step_loss = step(state, *batch)
     np.testing.assert_allclose(np.asarray(step_loss), float(loss), rtol=1e-5)  # same on every device
@@ -131,6 +131,11 @@ def test_end_to_end_synthetic_run_learns_and_writes_metrics_and_params(tmp_path)
     assert header["flax"] == flax.__version__ and header["optax"] == optax.__version__ and header["device_kind"]
     assert re.fullmatch("[0-9a-f]{40}", header["git_commit"] or "0" * 40)
     assert [r["learning_rate"] for r in records] == [0.05] * 5 and all(r["update_norm"] > 0 for r in records)
+    for r in records:  # the noise scale in training images, and the set's 400 images over it
+        assert r["b_simple"] == r["noise_trace"] / r["gradient_square"] / 8 > 0
+        assert r["set_over_b_simple"] == 400 / r["b_simple"]
+        b = r["b_simple"]
+        assert f"B_simple {f'{b:,.0f}' if b >= 10 else f'{b:.2g}'} img (set/B {400 / b:,.1f})" in result.stdout
     for r in records:  # the whole augmented set each step
         assert r["images_per_second"] == 3200 * 10 / r["inner_seconds"] and r["examples_seen"] == 3200 * r["step"]
     # Validation accuracy falls at the end, so the best params are not the last ones.
@@ -168,15 +173,19 @@ def test_compiled_and_python_inner_loops_agree(tmp_path):
     for mode in ("compiled", "python"):
         train.main([*SMALL, "--synthetic-examples", "300", "--inner-steps", "3", "--outer-steps", "2",
                     "--inner-loop", mode, "--output-dir", str(tmp_path / mode)])
-        losses[mode] = [r["loss"] for r in read_metrics(tmp_path / mode)[1]]
-    np.testing.assert_allclose(losses["compiled"], losses["python"], rtol=1e-5)
+        losses[mode] = [[r[key] for key in ("loss", "noise_trace", "gradient_square")]
+                        for r in read_metrics(tmp_path / mode)[1]]
+    np.testing.assert_allclose(losses["compiled"], losses["python"], rtol=1e-4)  # the noise summed over both steps
 
 
 def test_training_is_the_same_on_one_and_on_eight_devices(tmp_path):
     """4 updates of a 101-example batch (8 devices: padded), by LAMB and by Adam with the 8 dihedral forms
     made on the devices (1 device, 808 images; 8 devices, 13 images each, 808 of 832 real), in two fresh
-    processes. (The optimisers see only the summed gradient: SGD's update is checked against optax, not here.)"""
-    runs = {"lamb": ["--optimiser", "lamb", "--no-augment"], "augmented": ["--optimiser", "adam"]}
+    processes. (The optimisers see only the summed gradient: SGD's update is checked against optax, not here.)
+    The gradient chunks are the same partition on both layouts (an example each; an image's 8 forms each),
+    so the noise scale is the same too."""
+    runs = {"lamb": ["--optimiser", "lamb", "--no-augment", "--microbatch", "1"],
+            "augmented": ["--optimiser", "adam", "--microbatch", "8"]}
     script = (
         "import json, os, sys, train\n"
         "for name, flags in json.loads(os.environ['RUNS']).items():\n"
@@ -196,7 +205,7 @@ def test_training_is_the_same_on_one_and_on_eight_devices(tmp_path):
         np.testing.assert_allclose([r["loss"] for r in one[1]], [r["loss"] for r in eight[1]], rtol=1e-5)
         for key in ("train_accuracy", "validation_accuracy", "validation_correct", "learning_rate"):
             assert [r[key] for r in one[1]] == [r[key] for r in eight[1]], (name, key)
-        for key in ("gradient_norm", "update_norm", "parameter_norm"):  # what the optimiser did, alike
+        for key in ("gradient_norm", "update_norm", "parameter_norm", "noise_trace", "gradient_square", "b_simple"):
             np.testing.assert_allclose([r[key] for r in one[1]], [r[key] for r in eight[1]], rtol=1e-4)
         for a, b in zip(one[1], eight[1]):
             np.testing.assert_allclose(list(a["update_ratios"].values()), list(b["update_ratios"].values()),
