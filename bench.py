@@ -9,7 +9,6 @@ host and placed on the devices. `--compare` also times a reference written the s
 pmapped steps; the original psum'd those means, which differs only by the device count as a factor)
 so that speed-ups are ratios from one run. Prints a table; `--json PATH` also writes the figures.
 """
-import argparse
 import collections
 import dataclasses
 import functools
@@ -19,7 +18,6 @@ import json
 import os
 import resource
 import statistics
-import sys
 import time
 
 import xla_setup  # noqa: F401  (must come before jax starts its backend)
@@ -32,24 +30,27 @@ import optax
 import optimisers
 import parallel
 import train
-from config import CONVS, DTYPES, OPTIMISERS, Config, check
+from config import CONVS, DTYPES, OPTIMISERS, Config, check, parser
+from errors import UsageError, exit_on_failure
 from model import ConvNet
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=2048, help="global images per step")
+    default = Config()  # train.py's own defaults, so that a bare bench.py times train.py's step
+    p = parser("bench.py", __doc__)
+    p.add_argument("--batch", type=int, default=2048,
+                   help="global images per step (train.py's whole set is 172,800: about 90 s a step on a 2-core CPU)")
     p.add_argument("--devices", type=int, default=0, help="emulated CPU devices (0: leave the backend as is)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--channels", default="32,64,128,256")
-    p.add_argument("--dense", type=int, default=128)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--conv", choices=CONVS, default="auto", help="as train.py's --conv")
-    p.add_argument("--optimiser", choices=OPTIMISERS, default="adam")
+    p.add_argument("--dtype", choices=DTYPES, default=default.dtype)
+    p.add_argument("--channels", default=",".join(map(str, default.channels)))
+    p.add_argument("--dense", type=int, default=default.dense)
+    p.add_argument("--image-size", type=int, default=default.image_size)
+    p.add_argument("--conv", choices=CONVS, default=default.conv, help="as train.py's --conv")
+    p.add_argument("--optimiser", choices=OPTIMISERS, default=default.optimiser)
     p.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--inner-loop", choices=["compiled", "python", "both"], default="python")
-    p.add_argument("--microbatch", type=int, default=0, help="per device; 0: as train.py chooses")
+    p.add_argument("--microbatch", type=int, default=default.microbatch, help="per device; 0: as train.py chooses")
     p.add_argument("--compare", action="store_true", help="also time the straightforward reference step")
     p.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
                    help="time each of these step variants in this one process, e.g. base conv=space_to_depth "
@@ -59,7 +60,20 @@ def parse_args(argv=None):
                    help="also trace one more run of each variant with jax.profiler into DIR and put its largest "
                         "kernels (time per step) into the figures")
     p.add_argument("--json", default=None, help="also write the figures here")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    for flag in ("--batch", "--steps", "--repeats"):
+        if getattr(a, flag[2:]) <= 0:
+            raise UsageError(f"{flag} must be positive, got {getattr(a, flag[2:])}")
+    if a.devices < 0:
+        raise UsageError(f"--devices must be >= 0 (0: the backend's own), got {a.devices}")
+    try:
+        a.channels = tuple(int(c) for c in a.channels.split(","))
+    except ValueError:
+        raise UsageError(f"--channels {a.channels!r} is not a comma-separated list of integers") from None
+    if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
+        raise UsageError(f"--json {a.json}: its folder does not exist")
+    a.variants = {text: parse_variant(text) for text in a.variants or ["base"]}  # checked before any work
+    return a
 
 
 def timed(fn, repeats):
@@ -248,9 +262,11 @@ def parse_variant(text: str) -> dict:
     for item in text.split(","):
         key, _, value = item.partition("=")
         if key not in VARIANT_FIELDS or not value:
-            sys.exit(f"bench.py: error: variant {text!r}: {item!r} is not one of "
-                     f"{'/'.join(VARIANT_FIELDS)}=VALUE")
-        overrides[key] = VARIANT_FIELDS[key](value)
+            raise UsageError(f"--variants {text!r}: {item!r} is not one of {'/'.join(VARIANT_FIELDS)}=VALUE")
+        try:
+            overrides[key] = VARIANT_FIELDS[key](value)
+        except ValueError:
+            raise UsageError(f"--variants {text!r}: {item!r} has no valid value for {key}") from None
     return overrides
 
 
@@ -292,21 +308,27 @@ def time_variant(name, config, a, per_device, batch, check_images, reference_log
 
 
 def main(argv=None):
+    exit_on_failure("bench.py", bench, argv)
+
+
+def bench(argv=None):
     a = parse_args(argv)
+    base = Config(optimiser=a.optimiser, learning_rate=1e-3, channels=a.channels, dense=a.dense, dtype=a.dtype,
+                  conv=a.conv, microbatch=a.microbatch, image_size=a.image_size, dataset="synthetic")
+    check(base)
+    variants = {text if len(a.variants) > 1 or text != "base" else "project": dataclasses.replace(base, **fields)
+                for text, fields in a.variants.items()}
+    for config in variants.values():
+        if config.dtype not in DTYPES or config.conv not in CONVS:
+            raise UsageError(f"--variants: dtype {config.dtype!r} or conv {config.conv!r} is not one of "
+                             f"{DTYPES} / {CONVS}")
+        check(config)
     if a.devices:
         jax.config.update("jax_num_cpu_devices", a.devices)  # before the backend starts
     devices = jax.device_count()
     if a.batch % devices:
-        sys.exit(f"bench.py: error: --batch {a.batch} does not divide over {devices} devices")
+        raise UsageError(f"--batch {a.batch} does not divide over the {devices} devices")
     per_device = a.batch // devices
-    base = Config(optimiser=a.optimiser, learning_rate=1e-3, channels=tuple(int(c) for c in a.channels.split(",")),
-                  dense=a.dense, dtype=a.dtype, conv=a.conv, microbatch=a.microbatch, image_size=a.image_size,
-                  dataset="synthetic")
-    check(base)
-    variants = {text if a.variants else "project": dataclasses.replace(base, **parse_variant(text))
-                for text in a.variants or ["base"]}
-    for config in variants.values():
-        check(config)
     kind = jax.devices()[0].device_kind
     on_cpu = jax.default_backend() == "cpu"
     # On the CPU a 2048-wide matmul already measures the peak (167-184 GFLOP/s f32 against 125 at 4096, one sitting).
@@ -361,7 +383,8 @@ def main(argv=None):
                                                        if baseline else ""))
     memory = peak_memory()
     print(f"peak memory per device: {memory['peak_device_bytes'] / 2 ** 30:.2f} GiB ({memory['memory_source']})")
-    result = {"config": vars(a), "backend": jax.default_backend(), "device_kind": kind, "devices": devices,
+    result = {"config": {**vars(a), "variants": list(a.variants)}, "backend": jax.default_backend(),
+              "device_kind": kind, "devices": devices,
               "microbatch": rows[0].get("microbatch"), "flops_per_image": flops, "matmul_peak_flops": peaks,
               "copy_bandwidth_bytes_per_second": bandwidth, "rows": rows, **memory}
     if a.json:

@@ -6,6 +6,7 @@ its step count and injected hyperparameters), the best params so far, the progre
 of the config that defines the run. Training has no random state after initialisation (every step is the
 whole batch, there is no dropout), so resuming from one replays the uninterrupted run exactly.
 """
+import json
 import os
 
 import flax
@@ -51,9 +52,11 @@ def refuse_other_run(saved_definition: dict, config, what: str = "a checkpoint")
 
 def initial_progress(config) -> dict:
     """The progress record a checkpoint carries: outer loops done, the best so far, every outer loop's
-    validation accuracy (for the target), the last loss, seconds, and the run's definition."""
+    validation accuracy (for the target), the last loss, seconds, and the run's definition; with --batch-size,
+    the device count its batches were drawn over (each device draws from its own examples)."""
     return {"outer": 0, "best": {"validation_accuracy": -1.0, "outer": None, "step": None}, "history": [],
-            "loss": None, "train_seconds": 0.0, "elapsed_seconds": 0.0, "run": run_definition(config)}
+            "loss": None, "train_seconds": 0.0, "elapsed_seconds": 0.0, "run": run_definition(config),
+            "draw_devices": jax.device_count() if config.batch_size else None}
 
 
 def target_reached(history: list[dict], target_accuracy: float) -> dict | None:
@@ -82,6 +85,12 @@ def resume_point(config, checkpoints) -> dict | None:
             raise UsageError(f"--resume: no checkpoint in {config.output_dir}")
         return None
     refuse_other_run(progress["run"], config)
+    drawn_over = progress.get("draw_devices")
+    if config.batch_size and drawn_over and drawn_over != jax.device_count():
+        raise UsageError(f"{config.output_dir}: --batch-size {config.batch_size} draws each device's share from "
+                         f"that device's own examples, so this run's batches depend on its {drawn_over} devices and "
+                         f"this process has {jax.device_count()}: resume it on {drawn_over} devices, or start it "
+                         "afresh in another --output-dir")
     return progress
 
 
@@ -131,6 +140,20 @@ def read_progress(checkpoints: ocp.CheckpointManager) -> dict | None:
     if outer is None:
         return None
     return upgraded(checkpoints.restore(outer, args=ocp.args.Composite(progress=ocp.args.JsonRestore())).progress)
+
+
+def refuse_lost_checkpoints(output_dir: str) -> None:
+    """A folder whose metrics.jsonl holds a run's outer loops but which has no checkpoint (deleted, or never
+    kept): training would start that run's log over and lose its records, so refuse with what to do."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        outer = sum("validation_accuracy" in json.loads(line) for line in f if line.strip())
+    if outer:
+        raise UsageError(f"{output_dir} holds the metrics of {outer} outer loop(s) of a run but no checkpoint to "
+                         "resume it from: use another --output-dir, or move metrics.jsonl away to train that run "
+                         "from the start")
 
 
 def upgraded(progress: dict) -> dict:

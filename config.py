@@ -55,6 +55,7 @@ class Config:
     conv: str = "auto"
     remat_gelu: bool = False
     microbatch: int = 0
+    train_eval_examples: int | None = None
     target_accuracy: float = 0.95
     stop_at_target: bool = False
     output_dir: str | None = None
@@ -90,15 +91,27 @@ def defaults_before(definition: dict) -> dict:
 
 
 # How it is computed, reported or kept: free to change on resume (other devices, hosts, conv formulation...).
-HOW_COMPUTED = ("inner_loop", "manual_dir", "conv", "remat_gelu", "microbatch", "target_accuracy", "stop_at_target",
+HOW_COMPUTED = ("inner_loop", "manual_dir", "conv", "remat_gelu", "microbatch", "train_eval_examples",
+                "target_accuracy", "stop_at_target",
                 "output_dir", "resume", "keep_checkpoints", "eval_test", "coordinator_address", "num_processes",
                 "process_id", "distributed_timeout")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the module docstring as written and every flag's default."""
+
+
+def parser(program: str, description: str | None) -> argparse.ArgumentParser:
+    """An entry point's parser: --help shows every default, no flag matches by prefix (a prefix of one flag
+    must never set another), and a bad flag is one line and exit 2, not a usage dump."""
+    p = argparse.ArgumentParser(prog=program, description=description, formatter_class=HelpFormatter,
+                                allow_abbrev=False)
+    p.error = lambda message: fail(f"{message} (see {program} --help)")
+    return p
+
+
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                allow_abbrev=False)  # a prefix of one flag must never set another
-    p.error = lambda message: fail(f"{message} (see --help)")  # one line, no usage dump
+    p = parser("train.py", description)
     default = Config()
     add = p.add_argument
     add("--optimiser", choices=OPTIMISERS, default=default.optimiser, help="optax optimiser")
@@ -150,6 +163,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         help="examples per device per gradient chunk (accumulated inside the step; the chunks are also the noise "
              "scale's small batches); in a whole-set step rounded down to a multiple of 8, whole images with their "
              "8 forms; 0: chosen from device memory")
+    add("--train-eval-examples", type=int, default=None,
+        help="the training accuracy of each outer loop over the first N/devices training images of every device "
+             "(a cheaper check where a forward pass over the whole training split is slow, e.g. on a CPU); "
+             "default: all of them")
     add("--target-accuracy", type=float, default=default.target_accuracy,
         help="report when validation accuracy first reaches it")
     add("--stop-at-target", action="store_true", help="stop once --target-accuracy is reached")
@@ -187,8 +204,9 @@ def check(config: Config) -> None:
     positive = {"--learning-rate": c.learning_rate, "--inner-steps": c.inner_steps, "--outer-steps": c.outer_steps,
                 "--dense": c.dense, "--image-size": c.image_size, "--synthetic-examples": c.synthetic_examples,
                 "--keep-checkpoints": c.keep_checkpoints, "--distributed-timeout": c.distributed_timeout}
-    if c.train_examples is not None:
-        positive["--train-examples"] = c.train_examples
+    for flag, value in (("--train-examples", c.train_examples), ("--train-eval-examples", c.train_eval_examples)):
+        if value is not None:
+            positive[flag] = value
     for flag, value in positive.items():
         if not value > 0 or not math.isfinite(value):
             raise UsageError(f"{flag} must be positive, got {value}")
@@ -200,6 +218,16 @@ def check(config: Config) -> None:
         raise UsageError(f"--epsilon must be positive, got {c.epsilon}")
     if not 0 <= c.momentum < 1:
         raise UsageError(f"--momentum must be in [0, 1), got {c.momentum}")
+    # A flag the run would ignore must not be recorded as if it applied.
+    if c.optimiser != "sgd" and c.momentum != Config.momentum:
+        raise UsageError(f"--momentum is SGD's; {c.optimiser} has none (its moments' decay rates are optax's "
+                         "defaults): leave it out, or use --optimiser sgd")
+    if c.optimiser == "sgd" and c.weight_decay:
+        raise UsageError("--weight-decay is LAMB's and Adam's (decoupled); sgd has none here: leave it out, or use "
+                         "--optimiser lamb or adam")
+    if c.schedule == "constant" and c.warmup_steps:
+        raise UsageError("--warmup-steps needs a warmup schedule: add --schedule warmup_cosine or warmup_linear, or "
+                         "leave it out")
     if not 0 <= c.warmup_steps < c.inner_steps * c.outer_steps:
         raise UsageError(f"--warmup-steps must be in [0, total steps {c.inner_steps * c.outer_steps}), "
                          f"got {c.warmup_steps}")
@@ -214,6 +242,10 @@ def check(config: Config) -> None:
         raise UsageError(f"--target-accuracy must be in (0, 1], got {c.target_accuracy}")
     if c.dataset == "folder" and not c.data_dir:
         raise UsageError("--dataset folder needs --data-dir PATH")
+    if c.output_dir and "://" in c.output_dir:
+        raise UsageError(f"--output-dir {c.output_dir}: a URL is not a folder train.py can write; give a folder "
+                         "every host sees: an NFS or Filestore share, or a bucket mounted with gcsfuse on every host "
+                         "(one with hierarchical namespace: orbax's atomic checkpoints rename folders)")
     if c.output_dir and os.path.exists(c.output_dir) and not os.path.isdir(c.output_dir):
         raise UsageError(f"--output-dir {c.output_dir} exists and is not a folder")
     if c.resume and not c.output_dir:

@@ -34,34 +34,45 @@ class Interrupted(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name} {message}")
 
     @classmethod
-    def during_run(cls, signum: int, outer: int, checkpointed: int, output_dir: str | None) -> "Interrupted":
+    def during_run(cls, signum: int, outer: int, checkpointed: int, output_dir: str | None, steps_done=None,
+                   inner_steps=None) -> "Interrupted":
+        """Stopped before outer loop `outer`, or within it after `steps_done` of its steps (then dropped)."""
         if output_dir and checkpointed:
             where = f"the checkpoint after outer loop {checkpointed} in {output_dir} resumes it (run the same command)"
         else:
             where = "no checkpoint to resume from" + ("" if output_dir else " (no --output-dir)")
-        return cls(signum, f"during outer loop {outer}; {where}")
+        within = f" after {steps_done} of its {inner_steps} steps" if steps_done is not None else ""
+        return cls(signum, f"during outer loop {outer}{within}; {where}")
 
 
-def fail(message: str, program: str = "train.py"):
-    print(f"{program}: error: {message}", file=sys.stderr)
+PROGRAM = ["train.py"]  # the entry point running, named in every error line (set by exit_on_failure)
+
+
+def program() -> str:
+    return PROGRAM[0]
+
+
+def fail(message: str, program_name: str | None = None):
+    print(f"{program_name or program()}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def exit_on_failure(program: str, fn: Callable, *fn_args):
+def exit_on_failure(program_name: str, fn: Callable, *fn_args):
     """fn(*fn_args); a failure the project knows ends the process with one line and its exit code:
-    2 bad flag or data, 3 diverged, 4 unreachable coordinator, 128 + signal when stopped by one."""
+    2 bad flag or data, 3 diverged, 4 unreachable coordinator or peers, 128 + signal when stopped by one."""
+    PROGRAM[0] = program_name
     try:
         return fn(*fn_args)
     except (UsageError, DataError) as error:
-        fail(str(error), program)
+        fail(str(error), program_name)
     except Diverged as error:
-        print(f"{program}: diverged: {error}", file=sys.stderr)
+        print(f"{program_name}: diverged: {error}", file=sys.stderr)
         sys.exit(3)
     except Interrupted as error:
-        print(f"{program}: {error}", file=sys.stderr)
+        print(f"{program_name}: {error}", file=sys.stderr)
         leave_after_a_stop(error.exit_code)
     except PeerError as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
+        print(f"{program_name}: error: {error}", file=sys.stderr)
         sys.exit(4)
 
 

@@ -41,8 +41,8 @@ class MetricsLog:
             f.write("\n".join(lines) + "\n")
         os.replace(path + ".tmp", path)
         self.file = open(path, "a")
-        if self.mirror:
-            self.mirror(header if resumed_after is None else json.loads(lines[-1]))
+        for line in lines if self.mirror else []:  # all of it: a pack's run stands alone, header first
+            self.mirror(json.loads(line))
 
     def write(self, record: dict) -> None:
         if self.file:
@@ -87,6 +87,15 @@ class Pack:
             self.file.write(json.dumps({"study_run": name, **line}) + "\n")
             self.file.flush()
         return write
+
+    def add_file(self, name: str, path: str) -> None:
+        """A run's whole metrics.jsonl (a run that ended earlier, or crashed): its header starts the run anew."""
+        if os.path.exists(path):
+            write = self.writer(name)
+            with open(path) as f:
+                for line in f:
+                    if line.strip():
+                        write(json.loads(line))
 
 
 def read_pack(path: str) -> dict[str, list[dict]]:

@@ -4,6 +4,8 @@ and its memory (conv formulation, microbatch size).
 """
 import os
 import socket
+import sys
+import threading
 import time
 
 import jax
@@ -39,13 +41,51 @@ def wait_for_coordinator(address: str, timeout: float) -> None:
             time.sleep(0.5)
 
 
+def tpu_cluster() -> str | None:
+    """The name of the TPU cluster jax detects itself (jax.distributed.initialize() without arguments then
+    joins it), or None: a Cloud TPU VM describes itself through its metadata server ("gcetpu", single host
+    or pod slice), a GKE TPU node through its environment ("gketpu"). Both need the machine to be a TPU VM
+    (jax checks for TPU chips at import), so elsewhere this asks nothing of the network. jax has no public
+    call for it: these are its own cluster classes (jax/_src/clusters, pinned jax), in jax's own order."""
+    try:
+        from jax._src.clusters import cloud_tpu_cluster
+    except ImportError:  # pragma: no cover (another jax): no detection, as before
+        return None
+    for cluster in (cloud_tpu_cluster.GceTpuCluster, cloud_tpu_cluster.GkeTpuCluster):
+        if cluster.is_env_present():
+            return cluster.name
+    return None
+
+
+def joined_within(timeout: float, what: str, initialize) -> None:
+    """initialize(), or one line and exit 4 once `timeout` seconds pass: jax waits for every process to
+    join for its own timeout (we give it more) and then aborts the process with a stack trace (134), which
+    no Python code can catch; a peer that never starts must end the others with what to do."""
+    from errors import program
+    joined = threading.Event()
+
+    def watch():
+        if not joined.wait(timeout):
+            print(f"{program()}: error: {what} did not all join within --distributed-timeout {timeout:g}s: start "
+                  "the same command on every host (and check the process count and the coordinator's address)",
+                  file=sys.stderr, flush=True)
+            os._exit(4)
+    threading.Thread(target=watch, daemon=True, name="join-timeout").start()
+    try:
+        initialize()
+    finally:
+        joined.set()
+
+
 def init_distributed(config) -> None:
-    """Joins the other processes (once per process); an unreachable coordinator or a process that stops
-    answering ends every process with an error after --distributed-timeout seconds, never a silent hang."""
+    """Joins the other processes (once per process): the ones --coordinator-address names, or those of the
+    TPU cluster jax detects. An unreachable coordinator, processes that never join, or a process that stops
+    answering end every process with an error after --distributed-timeout seconds, never a silent hang."""
     global _distributed_started
     if _distributed_started:
         return
-    timeouts = dict(initialization_timeout=config.distributed_timeout,
+    # jax gets a little longer than we wait ourselves: our one line (exit 4) comes before its abort.
+    timeouts = dict(initialization_timeout=config.distributed_timeout + 30,
                     heartbeat_timeout_seconds=config.distributed_timeout)
     if config.coordinator_address:
         if config.process_id != 0:  # process 0 runs the coordinator; the others first check they can reach it
@@ -54,9 +94,13 @@ def init_distributed(config) -> None:
               f"{config.coordinator_address} (up to {config.distributed_timeout}s)", flush=True)
         # On CPU clusters the collectives need gloo; the setting is ignored by other backends.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(config.coordinator_address, config.num_processes, config.process_id, **timeouts)
-    elif len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
-        jax.distributed.initialize(**timeouts)  # a Cloud TPU pod slice describes itself
+        joined_within(config.distributed_timeout, f"the {config.num_processes} processes",
+                      lambda: jax.distributed.initialize(config.coordinator_address, config.num_processes,
+                                                         config.process_id, **timeouts))
+    elif cluster := tpu_cluster():  # a Cloud TPU VM or pod slice, or GKE: jax reads the rest itself
+        print(f"joining the TPU cluster jax detects ({cluster}; up to {config.distributed_timeout}s)", flush=True)
+        joined_within(config.distributed_timeout, "the TPU cluster's processes",
+                      lambda: jax.distributed.initialize(cluster_detection_method=cluster, **timeouts))
     _distributed_started = True
 
 

@@ -8,7 +8,6 @@ reading of the results, why we think so) is written by hand and left as it is. A
 skeleton of headings and markers. Every number comes from a run's `metrics.jsonl` (a run folder) or
 `*.metrics.jsonl` (a kept file), or a bench JSON beside it, under the folders named in BLOCKS.
 """
-import argparse
 import glob
 import json
 import math
@@ -16,7 +15,8 @@ import os
 import re
 import statistics
 
-from config import DEFAULT_EPSILONS, OPTAX_EPSILONS, defaults_before
+from config import DEFAULT_EPSILONS, OPTAX_EPSILONS, defaults_before, parser
+from errors import DataError, UsageError, exit_on_failure
 from metrics import read_pack, unpack_bits
 
 # The folders under --results each block of RESULTS.md is made from.
@@ -29,32 +29,49 @@ THRESHOLDS = (0.5, 0.9, 0.95)
 
 def load_runs(folder: str) -> list[dict]:
     """Every run below `folder` (a run folder's metrics.jsonl, a kept NAME.metrics.jsonl, or each run of a
-    study's pack, *.study.jsonl): its name, config, outer-loop records and how it ended."""
+    study's pack, *.study.jsonl): its name, config, outer-loop records and how it ended. A run in several
+    packs (a study run again after a cut) counts once, as the pack that holds most of it has it."""
     sources = []
     for path in sorted(glob.glob(os.path.join(folder, "*", "metrics.jsonl"))):
-        sources.append((os.path.basename(os.path.dirname(path)), path))
+        sources.append((os.path.basename(os.path.dirname(path)), path, None))
     for path in sorted(glob.glob(os.path.join(folder, "*.metrics.jsonl"))):
-        sources.append((os.path.basename(path)[:-len(".metrics.jsonl")], path))
+        sources.append((os.path.basename(path)[:-len(".metrics.jsonl")], path, None))
     for path in sorted(glob.glob(os.path.join(folder, "*.study.jsonl"))):
-        sources += list(read_pack(path).items())
-    runs = []
-    for name, source in sources:
-        if isinstance(source, str):
-            with open(source) as f:
+        try:
+            sources += [(name, path, lines) for name, lines in read_pack(path).items()]
+        except ValueError as error:
+            raise DataError(f"{path} is not a study pack (one JSON object a line): {error}") from None
+    runs = {}
+    for name, path, lines in sources:
+        run = read_run_lines(name, path, lines)
+        kept = runs.get(name)
+        if kept is None or (run["status"] == "ok", len(run["records"])) > (kept["status"] == "ok",
+                                                                            len(kept["records"])):
+            runs[name] = run
+    return list(runs.values())
+
+
+def read_run_lines(name: str, path: str, lines: list[dict] | None) -> dict:
+    """One run from its lines (read from `path` when None); DataError naming the file if it cannot be read."""
+    try:
+        if lines is None:
+            with open(path) as f:
                 lines = [json.loads(line) for line in f if line.strip()]
-        else:
-            lines = source
-        records = [r for r in lines[1:] if "validation_accuracy" in r]
-        end = lines[-1]
-        diverged = any(r.get("diverged") or not math.isfinite(r.get("loss", 0.0)) for r in lines[1:])
-        status = "diverged" if diverged else "crashed" if end.get("crashed") else \
-            "ok" if "summary" in end else "cut off"
-        config = [line["config"] for line in lines if "config" in line][-1]  # a resumed run's own, if extended
-        config = {**defaults_before(config), **config}  # a header from before a flag existed: what the run used
-        runs.append({"name": name, "header": lines[0], "config": config, "records": records,
-                     "summary": end.get("summary"), "status": status,
-                     "best": max((r["validation_accuracy"] for r in records), default=0.0)})
-    return runs
+    except ValueError as error:
+        raise DataError(f"{path} is not a metrics file (one JSON object a line): {error}") from None
+    if not lines or "config" not in lines[0] or "resumed_after_outer" in lines[0]:
+        raise DataError(f"{path}: run {name} does not start with its header (the run's config), so it cannot be "
+                        "read; a study pack from before every run's lines were complete: re-run the study, or "
+                        "leave the file out")
+    records = [r for r in lines[1:] if "validation_accuracy" in r]
+    end = lines[-1]
+    diverged = any(r.get("diverged") or not math.isfinite(r.get("loss", 0.0)) for r in lines[1:])
+    status = "diverged" if diverged else "crashed" if end.get("crashed") else \
+        "ok" if "summary" in end else "cut off"
+    config = [line["config"] for line in lines if "config" in line][-1]  # a resumed run's own, if extended
+    config = {**defaults_before(config), **config}  # a header from before a flag existed: what the run used
+    return {"name": name, "header": lines[0], "config": config, "records": records, "summary": end.get("summary"),
+            "status": status, "best": max((r["validation_accuracy"] for r in records), default=0.0)}
 
 
 def first_step(run: dict, accuracy: float):
@@ -114,17 +131,30 @@ def host_zero_count(total: int) -> int:
 
 def per_image(run: dict) -> dict | None:
     """From a run's per-image records: its best outer loop's accuracy on every validation image with a 95%
-    interval, and the blog's figure: the best outer loop's accuracy on host 0's 672 images."""
+    interval (optimistic: the best is chosen on the same images), the last outer loop's with its interval (a
+    choice made without looking at them), and the blog's figure: the best outer loop's accuracy on host 0's
+    672 images."""
     records = [r for r in run["records"] if "validation_correct" in r]
     if not records:
         return None
     total = run["header"]["validation_examples"]
     bits = [unpack_bits(r["validation_correct"], total) for r in records]
     best = max(range(len(bits)), key=lambda i: bits[i].sum())
-    low, high = wilson_interval(int(bits[best].sum()), total)
     host = host_zero_count(total)
-    return {"accuracy": bits[best].mean(), "low": low, "high": high, "total": total, "host_images": host,
-            "host_zero": max(b[:host].mean() for b in bits) if host else None}
+    return {"accuracy": bits[best].mean(), "interval": wilson_interval(int(bits[best].sum()), total),
+            "last": bits[-1].mean(), "last_interval": wilson_interval(int(bits[-1].sum()), total), "total": total,
+            "host_images": host, "host_zero": max(b[:host].mean() for b in bits) if host else None}
+
+
+def host_zero_words(config: dict, count: int) -> str:
+    """Which images the blog-style figure is on, for the run's data source: only TFDS keeps the original's
+    order of the validation split, so only there are the first 672 the images the original's host 0 scored."""
+    if config.get("dataset", "tfds") == "tfds":
+        return f"the {count} validation images the original's host 0 scored (TFDS's order of train[80%:90%])"
+    if config["dataset"] == "folder":
+        return (f"the first {count} validation images in the folder source's order, a seeded random quarter of "
+                "the split: statistically like the original's host 0 images, not the same ones")
+    return f"the first {count} validation images (synthetic data)"
 
 
 def edge_note(rate: float, rates: list[float]) -> str:
@@ -308,28 +338,32 @@ def full_scale_block(runs: list[dict], folder: str) -> list[str]:
 
 def study_block(runs: list[dict], folder: str) -> list[str]:
     """The full-scale study, a row per run: best validation accuracy on every image with its 95% interval,
-    the blog's own figure from the same per-image record, steps and seconds to 0.90 and 0.95, speed."""
-    h = runs[0]["header"]
-    lines = [f"{h['examples_per_step']:,} images per step, {h['validation_examples']:,} validation images, "
-             f"{runs[0]['config']['inner_steps']} steps per outer loop, {runs[0]['config']['dtype']} compute, "
-             f"{runs[0]['header']['conv']} convs; {device_text(runs[0], folder)}. Blog-style: the best outer "
-             f"loop's accuracy on the {host_zero_count(h['validation_examples'])} images the original's host 0 "
-             "scored, to 2 decimals.", ""]
+    the last outer loop's, the blog's own figure from the same per-image record, steps and seconds to 0.90
+    and 0.95, speed."""
+    described = next((r for r in runs if "examples_per_step" in r["header"]), runs[0])
+    h, c = described["header"], described["config"]
+    lines = [f"{h.get('examples_per_step', 0):,} images per step, {h.get('validation_examples', 0):,} validation "
+             f"images, {c.get('inner_steps')} steps per outer loop, {c.get('dtype')} compute, {h.get('conv')} convs; "
+             f"{device_text(described, folder)}. The best outer loop is chosen on the same validation images it is "
+             "scored on, so its interval is optimistic; the last outer loop's is a choice made without looking at "
+             "them. Blog-style: the best outer loop's accuracy, to 2 decimals, on "
+             f"{host_zero_words(c, host_zero_count(h.get('validation_examples', 0)))}.", ""]
     rows = []
     for run in sorted(runs, key=lambda r: -r["best"]):
-        if not run["records"]:  # cut off (or diverged) in its first outer loop
+        if not run["records"]:  # cut off (or diverged, or crashed) in its first outer loop
             rows.append([run["name"], 0, "", "", "", "", "", "", run["status"]])
             continue
         figures = per_image(run) or {}
         reach = {t: next((r for r in run["records"] if r["validation_accuracy"] >= t), None) for t in (0.9, 0.95)}
         speed = statistics.median(r["images_per_second"] for r in run["records"][1:] or run["records"])
-        rows.append([run["name"], len(run["records"]), f"{run['best']:.4f}",
-                     f"{figures['low']:.3f} - {figures['high']:.3f}" if figures else "",
+        rows.append([run["name"], len(run["records"]), f"{run['best']:.4f}" + (
+                     " ({:.3f} - {:.3f})".format(*figures["interval"]) if figures else ""),
+                     "{:.4f} ({:.3f} - {:.3f})".format(figures["last"], *figures["last_interval"]) if figures else "",
                      f"{figures['host_zero']:.2f}" if figures.get("host_zero") is not None else "",
                      *(f"{r['step']} ({r['train_seconds']:.0f} s)" if r else "not reached" for r in reach.values()),
                      f"{speed:,.0f}", run["status"]])
-    lines.append(table(["run", "outer loops", "best val. acc.", "95% interval", "blog-style (host 0)",
-                        "step to 0.90 (train s)", "to 0.95", "median img/s", "status"], rows))
+    lines.append(table(["run", "outer loops", "best val. acc. (95% interval)", "last outer loop (95% interval)",
+                        "blog-style (host 0)", "step to 0.90 (train s)", "to 0.95", "median img/s", "status"], rows))
     by_optimiser = {}
     for run in runs:
         by_optimiser.setdefault(run["config"]["optimiser"], []).append(run)
@@ -464,9 +498,11 @@ MARKER = re.compile(r"<!-- report:(?P<name>[a-z-]+) -->\n.*?<!-- /report:(?P=nam
 def blocks(root: str) -> dict[str, tuple[str, list[str]]]:
     """Each generated block of RESULTS.md that has runs: name -> (section title for a new file, lines)."""
     made = {}
+    if not os.path.isdir(root):
+        raise UsageError(f"--results {root} is not a folder")
     sweep_runs = load_runs(os.path.join(root, SWEEP))
     if not sweep_runs:
-        raise SystemExit(f"report.py: error: no runs under {os.path.join(root, SWEEP)}")
+        raise DataError(f"no runs under {os.path.join(root, SWEEP)}")
     lines, facts = sweep_block(sweep_runs, f"{root}/{SWEEP}")
     made["sweep"] = ("1. Optimiser comparison at reduced scale", lines)
     lamb, tuned, longer = facts["best_of"].get("lamb"), None, None
@@ -491,22 +527,28 @@ def blocks(root: str) -> dict[str, tuple[str, list[str]]]:
     if batch_runs:
         made["batch"] = ("Steps to the target against batch size (reduced scale)",
                          batch_block(batch_runs, f"{root}/{BATCH}"))
-    study_runs = load_runs(os.path.join(root, STUDY))
-    if study_runs:
-        made["study"] = ("6. The full-scale study", study_block(study_runs, f"{root}/{STUDY}"))
+    study_runs = load_runs(os.path.join(root, STUDY))  # RESULTS.md keeps its block before a GPU has run it
+    made["study"] = ("6. The full-scale study", study_block(study_runs, f"{root}/{STUDY}") if study_runs else
+                     Placeholder([f"No study pack under {root}/{STUDY} yet: the study runs on a lent GPU "
+                                  "(device/README.md), and this block fills itself from its pack."]))
     made["findings"] = ("What matched the blog, and what did not", findings_block(facts, tuned, longer, full_runs))
     return made
+
+
+class Placeholder(list):
+    """The lines of a block whose runs do not exist yet: filled where RESULTS.md has the block, else left out."""
 
 
 def fill(text: str, made: dict[str, tuple[str, list[str]]]) -> str:
     """`text` with every marked block replaced by its newly computed lines; the rest untouched."""
     present = {m["name"] for m in MARKER.finditer(text)}
-    unknown, missing = present - set(made), set(made) - present
+    unknown = present - set(made)
+    missing = {name for name in set(made) - present if not isinstance(made[name][1], Placeholder)}
     if unknown:
-        raise SystemExit(f"report.py: error: RESULTS.md has block(s) {sorted(unknown)} that no runs make")
+        raise DataError(f"RESULTS.md has block(s) {sorted(unknown)} that no runs make")
     if missing:
-        raise SystemExit(f"report.py: error: RESULTS.md lacks the marked block(s) {sorted(missing)}; add "
-                         "<!-- report:NAME --> ... <!-- /report:NAME --> where each belongs")
+        raise DataError(f"RESULTS.md lacks the marked block(s) {sorted(missing)}; add "
+                        "<!-- report:NAME --> ... <!-- /report:NAME --> where each belongs")
     return MARKER.sub(lambda m: "\n".join([f"<!-- report:{m['name']} -->", *made[m["name"]][1],
                                            f"<!-- /report:{m['name']} -->"]), text)
 
@@ -520,9 +562,13 @@ def skeleton(made: dict[str, tuple[str, list[str]]]) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    exit_on_failure("report.py", write_report, argv)
+
+
+def write_report(argv=None):
+    p = parser("report.py", __doc__)
     p.add_argument("--results", default="results", help="folder holding the runs' metrics files")
-    p.add_argument("--out", default="RESULTS.md")
+    p.add_argument("--out", default="RESULTS.md", help="the file to fill (made with a skeleton if missing)")
     args = p.parse_args(argv)
     made = blocks(args.results)
     text = open(args.out).read() if os.path.exists(args.out) else skeleton(made)

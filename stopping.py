@@ -34,6 +34,7 @@ class StopSignals:
 
     def __enter__(self):
         self.received, self.agreed, self.saved = None, None, False
+        self.steps_done = None  # of the outer loop a stop cut short (the Python inner loop's)
         self.previous, self.wakeup = {}, None
         self._agree = jax.pmap(lambda signum: lax.pmax(signum, AXIS), axis_name=AXIS)
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers

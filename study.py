@@ -13,11 +13,11 @@ study cut off by the device's time limit still returns one complete file. `--var
 fastest correct step variant of a bench.py JSON (conv formulation, GELU recomputation, microbatch).
 Data and compiled programs are shared as in sweep.py; re-running the command skips finished runs.
 """
-import argparse
 import dataclasses
 import json
+import math
+import os
 import statistics
-import sys
 import time
 
 import xla_setup  # noqa: F401  (must come before jax starts its backend)
@@ -28,6 +28,7 @@ import sweep
 import train
 from config import Config
 from config import parse as parse_config
+from config import parser
 from errors import DataError, Diverged, Interrupted, PeerError, UsageError, exit_on_failure
 from metrics import Pack
 from parallel import init_distributed, log
@@ -56,8 +57,7 @@ PLAN = [
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = parser("study.py", __doc__)
     p.add_argument("--budget-seconds", type=float, default=480, help="device time the runs may take in all")
     p.add_argument("--seconds-per-outer", type=float, default=18.4,
                    help="estimate of one outer loop until one is measured (18.4: the H100 at 936K img/s)")
@@ -65,8 +65,14 @@ def parse_args(argv=None):
     p.add_argument("--pack", required=True, help="one file with every line of every run's metrics")
     p.add_argument("--variant-from", default=None, help="a bench.py --json file: use its fastest correct variant")
     p.add_argument("--output-dir", required=True, help="one folder per run (checkpoints, metrics)")
-    p.error = lambda message: sys.exit(f"study.py: error: {message} (see study.py --help)")
     study, fixed = p.parse_known_args(argv)
+    for flag in ("--budget-seconds", "--seconds-per-outer", "--compile-seconds"):
+        value = getattr(study, flag[2:].replace("-", "_"))
+        if not 0 < value < math.inf:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    folder = os.path.dirname(os.path.abspath(study.pack))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--pack {study.pack}: its folder {folder} does not exist")
     base = parse_config(fixed + ["--output-dir", study.output_dir])
     if study.variant_from:
         base = dataclasses.replace(base, **fastest_variant(study.variant_from, base.dtype))
@@ -76,8 +82,11 @@ def parse_args(argv=None):
 def fastest_variant(path: str, dtype: str) -> dict:
     """The conv formulation, GELU recomputation and microbatch of the fastest row of a bench.py JSON in
     `dtype` whose logits agree with nn.Conv (to bf16's or f32's rounding)."""
-    with open(path) as f:
-        rows = json.load(f)["rows"]
+    try:
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"--variant-from {path} is not a bench.py --json file: {error}") from None
     tolerance = 2e-2 if dtype == "bfloat16" else 1e-4
     good = [r for r in rows if "error" not in r and r.get("dtype") == dtype and "conv" in r
             and r["logits_relative_error"] <= tolerance]
@@ -129,6 +138,8 @@ def run_study(study, base: Config) -> dict:
                 left = study.budget_seconds - (time.monotonic() - started)
                 if sweep.verdict_of_process_0(point.config) != sweep.RUN:
                     log(f"{point.name}: finished earlier, skipped")
+                    if pack:  # this pack holds it too, whole: a pack stands alone
+                        pack.add_file(point.name, os.path.join(point.config.output_dir, "metrics.jsonl"))
                 elif needed > left:
                     log(f"{point.name}: skipped, needs about {needed:.0f}s of the {left:.0f}s left")
                     outcome["skipped"].append(point.name)
@@ -145,7 +156,7 @@ def run_study(study, base: Config) -> dict:
                         log(f"{point.name}: crashed: {type(error).__name__}: {error}")
                         if jax.process_index() == 0:
                             sweep.record_crash(point.config, error)
-                            pack.writer(point.name)({"crashed": True, "error": f"{type(error).__name__}: {error}"})
+                            pack.add_file(point.name, os.path.join(point.config.output_dir, "metrics.jsonl"))
                     outcome["ran"].append(point.name)
                 done.append(point)
                 estimate = seconds_per_outer(point.config.output_dir) or estimate

@@ -10,7 +10,6 @@ and `accuracy_vs_rate.png`. Re-running the same command skips the runs already f
 others; a run folder holding a run of another definition is refused. On a pod, run the same command on
 every host.
 """
-import argparse
 import csv
 import dataclasses
 import itertools
@@ -18,6 +17,7 @@ import json
 import math
 import os
 import statistics
+import sys
 from typing import NamedTuple
 
 import xla_setup  # noqa: F401  (must come before jax starts its backend)
@@ -27,9 +27,10 @@ import numpy as np
 
 import checkpoint
 import train
-from config import DEFAULT_EPSILONS, OPTAX_EPSILONS, OPTIMISERS, Config, check, defaults_before
+from config import DEFAULT_EPSILONS, DEFAULT_LEARNING_RATES, OPTAX_EPSILONS, OPTIMISERS, Config, check, defaults_before
 from config import parse as parse_config
-from errors import DataError, Diverged, Interrupted, PeerError, UsageError, exit_on_failure, fail
+from config import parser
+from errors import DataError, Diverged, Interrupted, PeerError, UsageError, exit_on_failure
 from parallel import init_distributed, log
 from stopping import StopSignals
 
@@ -49,11 +50,42 @@ class Point(NamedTuple):
     config: Config
 
 
+# Each optimiser's rates when none are given: its default rate (config.py) and the rates a factor of 3 about it.
+DEFAULT_RATES = {name: f"{rate / 3:g},{rate:g},{rate * 3:g}" for name, rate in DEFAULT_LEARNING_RATES.items()}
+# What each list may hold, checked with the list's own flag named (the run's own check would name train.py's).
+LIST_CHECKS = {"seeds": (int, lambda v: True, "integers"),
+               "weight_decays": (float, lambda v: 0 <= v < math.inf, ">= 0"),
+               "momenta": (float, lambda v: 0 <= v < 1, "in [0, 1)"),
+               "rates": (float, lambda v: 0 < v < math.inf, "positive"),
+               "epsilons": (float, lambda v: 0 < v < math.inf, "positive"),
+               "batch_sizes": (int, lambda v: v > 0, "positive")}
+
+
+def parse_list(text: str, flag: str, kind: str) -> list:
+    """A comma-separated list flag as checked values, each once: a value given twice (1e-3 and 0.001 are one
+    value) would run once and count twice as seeds of one setting, so it is dropped, and said."""
+    convert, valid, meaning = LIST_CHECKS[kind]
+    try:
+        values = [convert(v) for v in text.split(",")]
+    except ValueError:
+        kinds = "integers" if convert is int else "numbers"
+        raise UsageError(f"{flag} {text!r} is not a comma-separated list of {kinds}") from None
+    bad = [v for v in values if not valid(v)]
+    if bad:
+        raise UsageError(f"{flag} must all be {meaning}, got {bad[0]:g}")
+    unique = list(dict.fromkeys(values))
+    if len(unique) < len(values):
+        print(f"sweep.py: {flag} {text} lists a value more than once; each runs once: {','.join(map(str, unique))}",
+              file=sys.stderr, flush=True)
+    return unique
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)  # --weight-decay must not pass for --weight-decays
+    p = parser("sweep.py", __doc__)  # no prefix matching: --weight-decay must not pass for --weight-decays
     p.add_argument("--optimisers", default=",".join(OPTIMISERS), help=f"comma separated, from {OPTIMISERS}")
-    p.add_argument("--learning-rates", default="1e-3,3e-3,1e-2", help="peak learning rates, comma separated")
+    p.add_argument("--learning-rates", default=None,
+                   help=f"peak learning rates for every optimiser, comma separated; default per optimiser "
+                        f"{DEFAULT_RATES}")
     for name in OPTIMISERS:  # good rates differ by orders of magnitude between optimisers
         p.add_argument(f"--{name}-rates", help=f"peak learning rates for {name} only, instead of --learning-rates")
     p.add_argument("--seeds", default="0", help="initialisation seeds, comma separated")
@@ -63,32 +95,59 @@ def parse_args(argv=None):
     for name in WITH_EPSILON:
         p.add_argument(f"--{name}-epsilons", help=f"epsilons for {name} only, instead of --epsilons")
     p.add_argument("--batch-sizes", default=None,
-                   help="global batch sizes, comma separated (default: the whole set only); each batch size B runs "
-                        "--inner-steps x (largest / B) steps per outer loop, so every outer loop sees as many images")
+                   help="global batch sizes, comma separated (default: the whole set only); see --batch-inner-steps")
+    p.add_argument("--batch-inner-steps", choices=("scaled", "same"), default="scaled",
+                   help="with --batch-sizes: scaled, each batch size B runs --inner-steps x (largest / B) steps per "
+                        "outer loop (every outer loop sees as many images); same, every batch size runs --inner-steps "
+                        "(every validation check comes after as many steps, so steps to the target are known to the "
+                        "same share at every batch size)")
     p.add_argument("--output-dir", required=True, help="one folder per run, and the leaderboard")
-    p.error = lambda message: fail(f"{message} (see sweep.py --help)", "sweep.py")
     sweep, fixed = p.parse_known_args(argv)
     for flag, listed in SWEPT.items():
         if any(a == flag or a.startswith(flag + "=") for a in fixed):
             raise UsageError(f"{flag} is swept by sweep.py: give its values as {listed}")
-    try:
-        rates = {name: [float(v) for v in (getattr(sweep, f"{name}_rates") or sweep.learning_rates).split(",")]
-                 for name in OPTIMISERS}
-        grid = {"optimisers": sweep.optimisers.split(","), "learning_rates": rates,
-                "seeds": [int(v) for v in sweep.seeds.split(",")],
-                "weight_decays": [float(v) for v in sweep.weight_decays.split(",")],
-                "momenta": [float(v) for v in sweep.momenta.split(",")],
-                "batch_sizes": [int(v) for v in sweep.batch_sizes.split(",")] if sweep.batch_sizes else [None],
-                "epsilons": {name: [float(v) for v in epsilons.split(",")] if epsilons else [None]
-                             for name in OPTIMISERS
-                             for epsilons in [getattr(sweep, f"{name}_epsilons", None) or sweep.epsilons]}}
-    except ValueError as error:
-        raise UsageError(f"a sweep list is not comma-separated numbers: {error}") from None
-    unknown = set(grid["optimisers"]) - set(OPTIMISERS)
-    if unknown:
-        raise UsageError(f"unknown optimiser(s) {sorted(unknown)} in --optimisers; choose from {','.join(OPTIMISERS)}")
+    optimisers = parse_optimisers(sweep.optimisers)
+    refuse_unused(sweep, optimisers)
+    rates = {}
+    for name in OPTIMISERS:
+        own = getattr(sweep, f"{name}_rates")
+        flag = f"--{name}-rates" if own else "--learning-rates"
+        rates[name] = parse_list(own or sweep.learning_rates or DEFAULT_RATES[name], flag, "rates")
+    epsilons = {}
+    for name in OPTIMISERS:
+        own = getattr(sweep, f"{name}_epsilons", None)
+        text = own or sweep.epsilons
+        epsilons[name] = parse_list(text, f"--{name}-epsilons" if own else "--epsilons", "epsilons") if text else [None]
+    grid = {"optimisers": optimisers, "learning_rates": rates, "epsilons": epsilons,
+            "seeds": parse_list(sweep.seeds, "--seeds", "seeds"),
+            "weight_decays": parse_list(sweep.weight_decays, "--weight-decays", "weight_decays"),
+            "momenta": parse_list(sweep.momenta, "--momenta", "momenta"),
+            "batch_sizes": parse_list(sweep.batch_sizes, "--batch-sizes", "batch_sizes") if sweep.batch_sizes
+            else [None], "batch_inner_steps": sweep.batch_inner_steps}
     base = parse_config(fixed + ["--output-dir", sweep.output_dir])  # checks the fixed train.py flags
     return grid, base
+
+
+def refuse_unused(sweep, optimisers: list[str]) -> None:
+    """A list flag for optimisers the sweep does not run would be recorded as if it applied: refuse it."""
+    decayed = [name for name in optimisers if name in WITH_EPSILON]
+    unused = [f"--{name}-rates" for name in OPTIMISERS if getattr(sweep, f"{name}_rates") and name not in optimisers]
+    unused += [f"--{name}-epsilons" for name in WITH_EPSILON if getattr(sweep, f"{name}_epsilons")
+               and name not in optimisers]
+    unused += ["--momenta"] * (sweep.momenta != "0.9" and "sgd" not in optimisers)
+    unused += ["--weight-decays"] * (sweep.weight_decays != "0" and not decayed)
+    unused += ["--epsilons"] * (sweep.epsilons is not None and not decayed)
+    if unused:
+        raise UsageError(f"{unused[0]} applies to no optimiser of --optimisers {','.join(optimisers)} (momenta: sgd; "
+                         "weight decays and epsilons: lamb, adam): leave it out, or add the optimiser")
+
+
+def parse_optimisers(text: str) -> list[str]:
+    names = list(dict.fromkeys(text.split(",")))
+    unknown = [n for n in names if n not in OPTIMISERS]
+    if unknown:
+        raise UsageError(f"unknown optimiser(s) {unknown} in --optimisers; choose from {','.join(OPTIMISERS)}")
+    return names
 
 
 def grid_points(grid, base: Config) -> list[Point]:
@@ -97,7 +156,7 @@ def grid_points(grid, base: Config) -> list[Point]:
     for optimiser in grid["optimisers"]:
         epsilons = grid["epsilons"][optimiser] if optimiser in WITH_EPSILON else [None]
         largest = max(b or 0 for b in grid["batch_sizes"])
-        uneven = [b for b in grid["batch_sizes"] if b and largest % b]
+        uneven = [b for b in grid["batch_sizes"] if b and largest % b and grid.get("batch_inner_steps") != "same"]
         if uneven:
             raise UsageError(f"--batch-sizes: {uneven[0]} does not divide the largest, {largest}, so its outer loops "
                              "could not see as many images")
@@ -106,7 +165,8 @@ def grid_points(grid, base: Config) -> list[Point]:
                 grid["momenta"] if optimiser == "sgd" else grid["weight_decays"], epsilons):
             swept = {"momentum": coefficient, "weight_decay": 0.0} if optimiser == "sgd" else {
                 "weight_decay": coefficient}
-            inner = base.inner_steps * largest // batch if batch else base.inner_steps  # as many images per outer
+            scaled = batch and grid.get("batch_inner_steps", "scaled") == "scaled"
+            inner = base.inner_steps * largest // batch if scaled else base.inner_steps  # as many images per outer
             config = dataclasses.replace(base, optimiser=optimiser, learning_rate=rate, seed=seed, batch_size=batch,
                                          inner_steps=inner, epsilon=DEFAULT_EPSILONS[optimiser] if epsilon is None
                                          else epsilon, **swept)
@@ -220,6 +280,16 @@ def batch_summary(rows):
     return [best[key] for key in sorted(best)]
 
 
+FOUR_PLACES = ("best_validation_accuracy", "final_loss")  # the other numbers as they were given: 3.125e-08, 1e-05
+
+
+def cell(column: str, value) -> str:
+    """A leaderboard value: accuracy and loss to 4 places, seconds to 2, rates and coefficients as given."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.4f}" if column in FOUR_PLACES else f"{value:.2f}" if column == "target_seconds" else f"{value:g}"
+
+
 def write_leaderboard(output_dir, rows, summary, target):
     with open(os.path.join(output_dir, "leaderboard.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
@@ -228,8 +298,7 @@ def write_leaderboard(output_dir, rows, summary, target):
     lines = ["# Leaderboard", "", f"Ranked by best validation accuracy; target accuracy {target}.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) and c != "learning_rate"
-                                       else str(r[c]) for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(cell(c, r[c]) for c in COLUMNS) + " |")
     lines += ["", "## Per optimiser", "", "| optimiser | best | best setting (by median) | median over seeds | "
               "spread (max - min) | seeds |", "|---|---|---|---|---|---|"]
     for s in summary:
@@ -352,7 +421,7 @@ def verdict_of_process_0(config: Config) -> int:
         header = ended[0] if ended else read_header(config.output_dir)
         try:
             if header:
-                checkpoint.refuse_other_run(header.get("run") or saved_definition(header["config"]), config,
+                checkpoint.refuse_other_run(header.get("run") or saved_definition(header["config"], config), config,
                                             "the metrics")
         except UsageError as error:
             verdict, message = REFUSE, str(error)
@@ -371,10 +440,13 @@ def verdict_of_process_0(config: Config) -> int:
     return verdict
 
 
-def saved_definition(saved_config: dict) -> dict:
-    """The run definition of a metrics header written before headers carried one."""
+def saved_definition(saved_config: dict, config: Config) -> dict:
+    """The run definition of a metrics header written before headers carried one. Such a header names its
+    data folder by the path it had then, which may be gone or lead elsewhere from here: it counts as the
+    folder `config` names now (the same images elsewhere resume, as the README promises)."""
     fields = {f.name for f in dataclasses.fields(Config)}
     known = {**defaults_before(saved_config), **saved_config}  # not today's defaults: what that run used
+    known["data_dir"] = config.data_dir if known.get("dataset") == "folder" else known.get("data_dir")
     return checkpoint.run_definition(Config(**{k: v for k, v in known.items() if k in fields}))
 
 
@@ -391,6 +463,8 @@ def read_header(output_dir):
 def run_sweep(grid, base: Config):
     points = grid_points(grid, base)
     init_distributed(base)  # before the signal handlers: jax's preemption notifier would replace them
+    for batch in grid["batch_sizes"]:  # every point of the grid before the first trains
+        train.check_batch_splits(batch, "--batch-sizes")
     with StopSignals() as stop:  # one for the whole sweep: a signal during one run's last outer loop stops it
         run_points(points, train.Shared(base), stop)
     if jax.process_index() != 0:
@@ -416,6 +490,8 @@ def run_points(points: list[Point], shared: train.Shared, stop: StopSignals) -> 
                                                        "ended earlier (diverged or crashed), skipped"))
             continue
         log(f"[{number}/{len(points)}] {name}")
+        for batch in {p.config.batch_size for p in points}:  # with the data known, before the first run trains
+            train.batch_share(batch, shared.prepared(), "--batch-sizes")
         try:
             train.run(config, shared, stop)
         except Diverged as error:

@@ -161,16 +161,19 @@ def inner_loop(state, images, labels, mask, seed=0, *, steps, **step_kwargs):
     return lax.fori_loop(0, steps, body, (state, jnp.zeros((), jnp.float32), nothing_yet))
 
 
-def evaluation(params, images, labels, mask, stride, *, apply_fn, chunk):
+def evaluation(params, images, labels, mask, stride, limit, *, apply_fn, chunk):
     """Whether each of this device's real examples is classified correctly, and over all devices the counts
-    (correct, with a non-finite logit); `stride` 8 picks the un-augmented images. The second count catches
-    params that the last update blew up, which the loss (computed before that update) cannot show."""
+    (correct, with a non-finite logit, examples evaluated); `stride` 8 picks the un-augmented images, `limit`
+    (None: all) the first of them on each device. The second count catches params that the last update blew
+    up, which the loss (computed before that update) cannot show."""
     def per_example(x, y, m):
         logits = apply_fn({"params": params}, x)  # (n, classes)
         real = m > 0
         return (jnp.argmax(logits, axis=-1) == y) & real, ~jnp.all(jnp.isfinite(logits), axis=-1) & real
-    correct, broken = mapped_over_chunks(per_example, (images[::stride], labels[::stride], mask[::stride]), chunk)
-    return correct, lax.psum(jnp.stack([correct.sum(), broken.sum()]), AXIS)  # (n,), (2,)
+    picked = [a[::stride][:limit] for a in (images, labels, mask)]
+    correct, broken = mapped_over_chunks(per_example, picked, chunk)
+    counts = jnp.stack([correct.sum(), broken.sum(), (picked[2] > 0).sum()])
+    return correct, lax.psum(counts, AXIS)  # (n,), (3,)
 
 
 # ----------------------------------------------------------------------------- the compiled programs
@@ -180,8 +183,8 @@ class Programs(NamedTuple):
     model: ConvNet
     optimiser: optax.GradientTransformation
     inner: Callable  # (state, images, labels, mask, stop=) -> (state, loss), or None when a stop came midway
-    evaluate: Callable  # (params, images, labels, mask, stride) -> per device: correct per example, (correct,
-    # non-finite) counts over all devices
+    evaluate: Callable  # (params, images, labels, mask, stride, limit) -> per device: correct per example,
+    # (correct, non-finite, evaluated) counts over all devices
     inner_mode: str  # "compiled" or "python"
     microbatch: int
     image_shape: tuple  # (H, W, C)
@@ -222,31 +225,31 @@ def build_programs(config, prepared: Prepared) -> Programs:
         step = jax.pmap(functools.partial(step_agreeing_to_stop, **step_kwargs), axis_name=AXIS, donate_argnums=0)
         inner = functools.partial(python_inner_loop, step, config.inner_steps)
     evaluate = jax.pmap(functools.partial(evaluation, apply_fn=model.apply, chunk=microbatch),
-                        axis_name=AXIS, static_broadcasted_argnums=4)
+                        axis_name=AXIS, static_broadcasted_argnums=(4, 5))
     return Programs(model, optimiser, inner, evaluate, inner_mode, microbatch, image_shape)
 
 
-def batch_share(batch_size: int, prepared: Prepared) -> int:
+def batch_share(batch_size: int, prepared: Prepared, flag: str = "--batch-size") -> int:
     """Each device's share of a --batch-size batch (0 for the whole set): it must split evenly over the
     devices and fit every device's real examples (the last devices of a process may hold padding)."""
     if not batch_size:
         return 0
     devices, whole = jax.device_count(), prepared.train_count * prepared.stride
     if batch_size > whole:
-        raise UsageError(f"--batch-size {batch_size} is above the {whole:,} training examples of a step's whole set")
-    check_batch_splits(batch_size)
+        raise UsageError(f"{flag} {batch_size} is above the {whole:,} training examples of a step's whole set")
+    check_batch_splits(batch_size, flag)
     share, fewest = batch_size // devices, prepared.train_fewest_per_device
     if share > fewest:
-        raise UsageError(f"--batch-size {batch_size} draws {share} examples per device, but a device holds only "
+        raise UsageError(f"{flag} {batch_size} draws {share} examples per device, but a device holds only "
                          f"{fewest} real ones: use at most {fewest * devices}")
     return share
 
 
-def check_batch_splits(batch_size: int | None) -> None:
+def check_batch_splits(batch_size: int | None, flag: str = "--batch-size") -> None:
     """A --batch-size must split evenly over the devices (checked before any data is loaded)."""
     devices = jax.device_count()
     if batch_size and batch_size % devices:
-        raise UsageError(f"--batch-size {batch_size} does not split over the {devices} devices: use a batch size "
+        raise UsageError(f"{flag} {batch_size} does not split over the {devices} devices: use a batch size "
                          f"that is a multiple of {devices}, or a number of devices that divides {batch_size}")
 
 
@@ -255,9 +258,9 @@ def python_inner_loop(step, steps, state, *batch, seed, stop: StopSignals, on_st
     all done (every process then stops after the same step). on_step() follows each finished step."""
     loss, statistics, agreed = None, None, None
     noise_sums = np.zeros((jax.local_device_count(), 2), np.float32)
-    for _ in range(steps):
+    for number in range(steps):
         if jax.process_count() == 1 and stop.received:  # alone, no need to wait for an agreement
-            stop.agreed = stop.received
+            stop.agreed, stop.steps_done = stop.received, number
             return None
         seeds = np.full(jax.local_device_count(), seed, np.int32)
         state, next_loss, next_statistics, next_agreed = step(state, *batch, seeds, noise_sums, stop.flags())
@@ -265,7 +268,7 @@ def python_inner_loop(step, steps, state, *batch, seed, stop: StopSignals, on_st
         if agreed is not None:
             if int(agreed[0]):  # waits for the step before: one step queued at most
                 next_loss.block_until_ready()  # every process launched this step; let it end everywhere
-                stop.agreed = int(agreed[0])
+                stop.agreed, stop.steps_done = int(agreed[0]), number + 1
                 return None
             if on_step:
                 on_step()
@@ -285,9 +288,13 @@ class Shared:
     def __init__(self, config, pack: Pack | None = None):
         self.config, self._prepared, self.programs, self.pack = config, None, {}, pack
 
-    def prepared(self) -> Prepared:
+    def prepared(self, eval_test: bool = False) -> Prepared:
+        """The data on the devices; with eval_test, the test split too (loaded now if the first run lacked it)."""
         if self._prepared is None:
             self._prepared = prepare(self.config)
+        if eval_test and self._prepared.test is None:
+            split = load_split(self.config, "test", self._prepared.num_classes)
+            self._prepared = self._prepared._replace(test=prepare_split(split, "test", False))
         return self._prepared
 
     def programs_for(self, config) -> Programs:
@@ -303,16 +310,22 @@ def run(config, shared: Shared | None = None, stop: StopSignals | None = None) -
     check_batch_splits(config.batch_size)
     if stop is None:
         with StopSignals() as stop:  # until the last checkpoint is written: a signal then must not kill the write
-            return run(config, shared, stop)
+            summary = run(config, shared, stop)
+            if stop.agree():  # it came during the last (compiled) outer loop, which finished the run
+                raise Interrupted(stop.agreed, "during the last outer loop, which completed the run: its checkpoint "
+                                               "and summary are written, nothing is left to resume")
+            return summary
     shared = shared or Shared(config)
     checkpoints = checkpoint.manager(config.output_dir, config.keep_checkpoints) if config.output_dir else None
     try:
         resumed = checkpoint.resume_point(config, checkpoints)  # before loading data: refuse at once
+        if not resumed and config.output_dir:
+            checkpoint.refuse_lost_checkpoints(config.output_dir)
         if resumed and checkpoint.finished(config, resumed):
             return summarise_finished(config, shared, checkpoints, resumed)
         programs = shared.programs_for(config)
         mirror = shared.pack.writer(os.path.basename(config.output_dir)) if shared.pack else None
-        return outer_loops(config, shared.prepared(), programs, checkpoints, resumed, stop, mirror)
+        return outer_loops(config, shared.prepared(config.eval_test), programs, checkpoints, resumed, stop, mirror)
     finally:
         if checkpoints:
             checkpoints.close()  # waits for a save still being written
@@ -340,7 +353,7 @@ def summarise_finished(config, shared: Shared, checkpoints, progress: dict) -> d
         + (", target reached" if progress["outer"] < config.outer_steps else "") + "); nothing to train")
     prepared = programs = best_params = None
     if config.eval_test:
-        prepared, programs = shared.prepared(), shared.programs_for(config)
+        prepared, programs = shared.prepared(eval_test=True), shared.programs_for(config)
         state = create_state(programs.model, programs.optimiser, config.seed, programs.image_shape)
         best_params = checkpoint.restore(checkpoints, state, state.params)[1]
     summary = summarise(config, prepared, programs, best_params, progress)
@@ -356,6 +369,9 @@ def start(config, prepared: Prepared, programs: Programs, checkpoints, resumed: 
     per_device = batch_share(config.batch_size, prepared) or prepared.train_data[0].shape[1]
     log(model_line(config, param_count(state.params), programs.model.conv, programs.inner_mode, programs.microbatch,
                    per_device))
+    if config.dtype == "bfloat16" and jax.default_backend() == "cpu":
+        log("note: bfloat16 on a CPU runs about 3x slower than float32 (XLA's CPU backend computes bfloat16 dots "
+            "in float32 and converts around them; PERFORMANCE.md): it is for GPUs and TPUs")
     if resumed:
         state, best_params, progress = checkpoint.restore(checkpoints, state, state.params)
         log(f"resuming after outer loop {progress['outer']} from {checkpoints.directory}")
@@ -396,7 +412,8 @@ def outer_loops(config, prepared: Prepared, programs: Programs, checkpoints, res
             display.begin_outer(outer)
             done = programs.inner(state, *prepared.train_data, seed=config.seed, stop=stop, on_step=display.step)
             if done is None:  # a stop signal came mid-loop: its steps are dropped, the checkpoint stands
-                raise Interrupted.during_run(stop.agreed, outer, progress["outer"], config.output_dir)
+                raise Interrupted.during_run(stop.agreed, outer, progress["outer"], config.output_dir,
+                                             stop.steps_done, config.inner_steps)
             state, loss, statistics = done
             record = evaluate(config, prepared, programs, state, float(loss[0]), tick, progress, metrics)
             display.outer_done(record["inner_seconds"], outer - first_outer + 1)
@@ -428,9 +445,11 @@ def evaluate(config, prepared: Prepared, programs: Programs, state, loss: float,
     logits are no longer finite (recorded as such, and never kept as the best)."""
     inner_seconds = time.perf_counter() - tick  # the loss above waited for the inner loop
     outer = progress["outer"] + 1
-    val_each, val_counts = programs.evaluate(state.params, *prepared.val_data, 1)
-    val_correct, val_broken = map(int, val_counts[0])
-    train_correct, train_broken = map(int, programs.evaluate(state.params, *prepared.train_data, prepared.stride)[1][0])
+    val_each, val_counts = programs.evaluate(state.params, *prepared.val_data, 1, None)
+    val_correct, val_broken, _ = map(int, val_counts[0])
+    per_device = -(-config.train_eval_examples // jax.device_count()) if config.train_eval_examples else None
+    train_counts = programs.evaluate(state.params, *prepared.train_data, prepared.stride, per_device)[1][0]
+    train_correct, train_broken, train_evaluated = map(int, train_counts)
     if not math.isfinite(loss) or val_broken or train_broken:
         metrics.write({"outer": outer, "diverged": True, "loss": str(loss)})
         best = progress["best"]
@@ -441,7 +460,7 @@ def evaluate(config, prepared: Prepared, programs: Programs, state, loss: float,
     step_examples = config.batch_size or prepared.train_count * prepared.stride
     return {"outer": outer, "step": outer * config.inner_steps, "examples_seen": outer * config.inner_steps
             * step_examples, "loss": loss,
-            "train_accuracy": train_correct / prepared.train_count,
+            "train_accuracy": train_correct / train_evaluated,
             "validation_accuracy": val_correct / prepared.val_count, "inner_seconds": inner_seconds,
             "images_per_second": step_examples * config.inner_steps / inner_seconds,
             "train_seconds": progress["train_seconds"] + inner_seconds,
@@ -483,9 +502,8 @@ def summarise(config, prepared: Prepared | None, programs: Programs | None, best
     else:
         log(f"did not reach validation accuracy {config.target_accuracy}; best {best['validation_accuracy']:.4f}")
     if config.eval_test:
-        test_data, test_count = prepared.test or prepare_split(load_split(config, "test", prepared.num_classes),
-                                                               "test", False)
-        summary["test_accuracy"] = int(programs.evaluate(best_params, *test_data, 1)[1][0][0]) / test_count
+        test_data, test_count = prepared.test
+        summary["test_accuracy"] = int(programs.evaluate(best_params, *test_data, 1, None)[1][0][0]) / test_count
         log(f"test accuracy of the best params (outer {best['outer']}): {summary['test_accuracy']:.4f}")
     return summary
 

@@ -2,6 +2,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+import bench
 from conftest import ROOT
 from helpers import device_env
 
@@ -66,3 +69,22 @@ def test_the_kernel_summary_counts_each_kernel_once_by_its_self_time(tmp_path):
         json.dump({"traceEvents": nested}, f)
     summary = bench.kernel_summary(str(tmp_path / "trace"), steps=1)  # a CPU trace: host ops, self time
     assert {k["name"]: k["microseconds_per_step"] for k in summary["kernels"]} == {"inner": 70, "outer": 30}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dense", "0"], "--dense must be positive, got 0"),
+    (["--channels", "32,,64"], "--channels '32,,64' is not a comma-separated list of integers"),
+    (["--variants", "microbatch=abc"], "--variants 'microbatch=abc': 'microbatch=abc' has no valid value for "
+                                       "microbatch"),
+    (["--variants", "speed=fast"], "--variants 'speed=fast': 'speed=fast' is not one of "
+                                   "conv/remat_gelu/microbatch/dtype"),
+    (["--variants", "conv=fft"], "--variants: dtype 'float32' or conv 'fft' is not one of"),
+    (["--batch", "3"], "--batch 3 does not divide over the 8 devices"),
+    (["--batch", "0"], "--batch must be positive, got 0"),
+    (["--steps", "x"], "argument --steps: invalid int value: 'x' (see bench.py --help)"),
+])
+def test_bad_bench_inputs_end_with_one_line_and_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("bench.py: error: " + message), err

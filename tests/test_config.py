@@ -64,6 +64,7 @@ CHANGED = {"optimiser": "adam", "learning_rate": 0.5, "weight_decay": 0.1, "mome
            "inner_loop": "compiled", "seed": 1, "dataset": "tfds", "data_dir": "elsewhere", "manual_dir": "zips",
            "synthetic_examples": 99, "image_size": 32, "train_examples": 10, "no_augment": True, "channels": (4,),
            "dense": 3, "initialiser": "haiku", "dtype": "bfloat16", "conv": "xla", "remat_gelu": True, "microbatch": 5,
+           "train_eval_examples": 100,
            "target_accuracy": 0.5, "stop_at_target": True, "output_dir": "out", "resume": True, "keep_checkpoints": 5,
            "eval_test": True, "coordinator_address": "h:1", "num_processes": 2, "process_id": 1,
            "distributed_timeout": 9}

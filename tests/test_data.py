@@ -185,3 +185,30 @@ def test_real_eurosat_folder_has_the_documented_classes_and_counts():
         "Pasture": 2000, "PermanentCrop": 2500, "Residential": 3000, "River": 2500, "SeaLake": 3000}
     split = data.load_folder(SHARED_EUROSAT, "validation", 0, 10)  # one tenth of validation: 270 images
     assert split.images.shape == (270, 64, 64, 3) and split.images.dtype == np.uint8
+
+
+def test_which_images_the_folder_source_puts_in_each_split_is_pinned(tmp_path):
+    """The folder source's splits come from a fixed permutation (seed 0): a change would silently make every
+    earlier result incomparable (its validation images other ones, its test images seen in training). Pinned
+    here for a small folder, split by split and image by image (the pixels follow their ids)."""
+    root = make_folder(tmp_path / "images", per_class=4)  # 12 images, 3 classes
+    c = Config(dataset="folder", data_dir=str(root))
+    assert data.split_ids(c, "train") == [
+        "SeaLake/SeaLake_2.png", "Forest/Forest_3.png", "River/River_4.png", "River/River_1.png",
+        "River/River_2.png", "SeaLake/SeaLake_4.png", "Forest/Forest_1.png", "Forest/Forest_4.png",
+        "River/River_3.png", "SeaLake/SeaLake_3.png"]
+    assert data.split_ids(c, "validation") == ["SeaLake/SeaLake_1.png"]
+    assert data.split_ids(c, "test") == ["Forest/Forest_2.png"]
+    train = data.load_folder(str(root), "train", 0, 1)
+    for image, label, name in zip(train.images, train.labels, data.split_ids(c, "train")):
+        np.testing.assert_array_equal(image, np.asarray(Image.open(root / name)))
+        assert label == ["Forest", "River", "SeaLake"].index(name.split("/")[0])
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_EUROSAT), reason="real EuroSAT images not present")
+def test_eurosats_splits_from_the_folder_are_the_ones_every_result_used():
+    import hashlib
+    c = Config(dataset="folder", data_dir=SHARED_EUROSAT)
+    digests = {name: hashlib.sha256("\n".join(data.split_ids(c, name)).encode()).hexdigest()[:16]
+               for name in data.SPLITS}
+    assert digests == {"train": "373b43767db2192c", "validation": "f078c24fd29aac32", "test": "58f1cfd3c4f48322"}

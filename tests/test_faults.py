@@ -178,13 +178,16 @@ def test_processes_signalled_at_different_moments_stop_together_after_the_same_o
         tmp_path, inner_loop, signalled):
     """A pod's preemption reaches its hosts at different moments (or only some of them): every process must
     agree to stop at the same boundary, leave the same checkpoint, and exit 128 + signal; none may wait for
-    the others at an all-reduce forever."""
-    args = [*RUN, "--inner-steps", "5", "--outer-steps", "40", "--inner-loop", inner_loop,
+    the others at an all-reduce forever. The Python inner loop stops within its outer loop, every process
+    after the same step (its outer loops of 200 steps are seconds long; the signal comes a second into one)."""
+    inner = 200 if inner_loop == "python" else 5
+    args = [*RUN, "--inner-steps", str(inner), "--outer-steps", "40", "--inner-loop", inner_loop,
             "--output-dir", str(tmp_path)]
     port = free_port()
     processes = [start_train(args, devices=4, process_id=i, port=port) for i in range(2)]
     try:
         wait_for_records(tmp_path, 2, processes[0])
+        time.sleep(1.0 if inner_loop == "python" else 0)
         for number, process in enumerate(signalled):
             time.sleep(0.5 * bool(number))
             processes[process].send_signal(signal.SIGTERM)
@@ -198,8 +201,11 @@ def test_processes_signalled_at_different_moments_stop_together_after_the_same_o
     for last in lasts:
         assert last.startswith("train.py: stopped by SIGTERM during outer loop ")
         assert f"the checkpoint after outer loop {checkpointed} " in last
-    assert lasts[0] == lasts[1]  # the same outer loop, the same checkpoint
+    assert lasts[0] == lasts[1]  # the same outer loop, the same step within it, the same checkpoint
     assert [r["outer"] for r in read_metrics(tmp_path)[1]][-1] == checkpointed
+    if inner_loop == "python":  # within the outer loop, not at its end
+        steps_done = int(lasts[0].split(" after ")[1].split(" of its 200 steps")[0])
+        assert 0 < steps_done < 200, lasts[0]
 
 
 def test_a_resumed_run_recomputes_the_target_from_its_records(tmp_path):
@@ -387,3 +393,117 @@ def test_after_a_clean_stop_a_late_sigterm_is_ignored_and_a_ctrl_c_exits_130_at_
     assert result.returncode == 128 + signal.SIGINT, result.stderr[-2000:]
     assert result.stdout == "alive after SIGTERM\n" and time.monotonic() - started < 20
     assert result.stderr.strip().splitlines()[-1].startswith("stopped at once by a second SIGINT"), result.stderr
+
+
+def test_process_0_whose_peers_never_come_ends_with_one_line_and_exit_4(tmp_path):
+    """jax would abort it with a stack trace (134) after its own timeout; ours comes first."""
+    started = time.monotonic()
+    result = run_train([*RUN, "--coordinator-address", f"localhost:{free_port()}", "--num-processes", "2",
+                        "--process-id", "0", "--distributed-timeout", "3"], devices=4, check=False)
+    assert result.returncode == 4 and time.monotonic() - started < 60, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "train.py: error: the 2 processes did not all join within --distributed-timeout 3s: start the same command "
+        "on every host (and check the process count and the coordinator's address)"]
+
+
+@pytest.fixture
+def initialized(monkeypatch):
+    """jax.distributed.initialize recorded instead of called, on a machine jax takes for a Cloud TPU VM."""
+    import parallel
+    from jax._src.clusters import cloud_tpu_cluster
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(parallel, "_distributed_started", False)
+    monkeypatch.setattr(cloud_tpu_cluster, "running_in_cloud_tpu_vm", True)
+    for name in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_ID", "TPU_SKIP_MDS_QUERY"):
+        monkeypatch.delenv(name, raising=False)
+    return calls
+
+
+def metadata_of(answers):
+    def get_metadata(key):
+        return (answers[key], 200) if key in answers else ("", 404)
+    return get_metadata
+
+
+def test_a_cloud_tpu_vm_joins_the_cluster_jax_detects_from_its_metadata(initialized, monkeypatch):
+    """A TPU VM made with gcloud (a v3-32: 4 hosts) describes itself through its metadata server only."""
+    import config
+    import parallel
+    from jax._src.clusters import cloud_tpu_cluster
+    monkeypatch.setattr(cloud_tpu_cluster, "get_metadata", metadata_of(
+        {"agent-worker-number": "2", "worker-network-endpoints": "a:b:10.0.0.1,a:b:10.0.0.2,a:b:10.0.0.3,a:b:10.0.0.4",
+         "tpu-env": ""}))
+    assert parallel.tpu_cluster() == "gcetpu"
+    assert cloud_tpu_cluster.GceTpuCluster.get_process_count() == 4  # what jax will read there
+    parallel.init_distributed(config.Config(distributed_timeout=7))
+    assert initialized == [((), {"cluster_detection_method": "gcetpu", "initialization_timeout": 37,
+                                 "heartbeat_timeout_seconds": 7})]
+
+
+def test_a_gke_tpu_node_joins_the_cluster_its_environment_describes(initialized, monkeypatch):
+    import config
+    import parallel
+    from jax._src.clusters import cloud_tpu_cluster
+    monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")  # no metadata server asked
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1,10.0.0.2")
+    monkeypatch.setenv("TPU_WORKER_ID", "1")
+    monkeypatch.setattr(cloud_tpu_cluster, "get_metadata", lambda key: pytest.fail(f"asked the metadata for {key}"))
+    assert parallel.tpu_cluster() == "gketpu"
+    parallel.init_distributed(config.Config())
+    assert [kwargs["cluster_detection_method"] for _, kwargs in initialized] == ["gketpu"]
+
+
+def test_a_gpu_or_cpu_box_starts_no_distributed_runtime(initialized, monkeypatch):
+    import config
+    import parallel
+    from jax._src.clusters import cloud_tpu_cluster
+    monkeypatch.setattr(cloud_tpu_cluster, "running_in_cloud_tpu_vm", False)  # what jax decides without TPU chips
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1,10.0.0.2")  # not a TPU VM: ignored, as jax does
+    monkeypatch.setattr(cloud_tpu_cluster, "get_metadata", lambda key: pytest.fail(f"asked the metadata for {key}"))
+    assert parallel.tpu_cluster() is None
+    parallel.init_distributed(config.Config())
+    assert initialized == []
+
+
+def test_a_signal_during_the_last_compiled_outer_loop_still_exits_128_plus_signal(tmp_path):
+    """The compiled loop finishes its outer loop, here the run's last: the run is complete and saved, and the
+    process still says it was stopped (a preempting supervisor counts on the code)."""
+    process = start_train([*RUN, "--inner-steps", "400", "--outer-steps", "1", "--inner-loop", "compiled",
+                           "--output-dir", str(tmp_path)])
+    wait_for_records(tmp_path, 0, process)  # the header: the one outer loop is under way
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "train.py: stopped by SIGTERM during the last outer loop, which completed the run: its checkpoint and "
+        "summary are written, nothing is left to resume")
+    assert read_metrics(tmp_path)[2] is not None and latest_checkpoint(tmp_path)[0] == 1
+
+
+def test_a_folder_whose_checkpoints_are_gone_is_not_trained_over(tmp_path, capsys):
+    """Its metrics.jsonl holds a run: starting afresh would start that log over and lose the records."""
+    args = [*RUN, "--outer-steps", "2", "--output-dir", str(tmp_path)]
+    train.main(args)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    shutil.rmtree(tmp_path / "checkpoints")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args)
+    assert exit_info.value.code == 2 and (tmp_path / "metrics.jsonl").read_text() == before
+    assert capsys.readouterr().err.strip() == (
+        f"train.py: error: {tmp_path} holds the metrics of 2 outer loop(s) of a run but no checkpoint to resume it "
+        "from: use another --output-dir, or move metrics.jsonl away to train that run from the start")
+
+
+def test_a_drawn_batch_run_is_not_resumed_on_another_device_layout(tmp_path):
+    """Each device draws from its own examples, so the batches depend on the layout: a resume elsewhere would
+    silently be another run (review: 2 devices resumed on 1 gave other losses)."""
+    args = [*RUN, "--batch-size", "64", "--output-dir", str(tmp_path)]
+    run_train([*args, "--outer-steps", "1"], devices=2)
+    result = run_train([*args, "--outer-steps", "2"], devices=1, check=False)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"train.py: error: {tmp_path}: --batch-size 64 draws each device's share from that device's own examples, "
+        "so this run's batches depend on its 2 devices and this process has 1: resume it on 2 devices, or start it "
+        "afresh in another --output-dir")
+    assert "resuming after outer loop 1" in run_train([*args, "--outer-steps", "2"], devices=2).stdout

@@ -91,3 +91,44 @@ def test_haiku_initialiser_draws_what_haiku_drew_and_flax_draws_larger():
         np.testing.assert_allclose(kernel.std() * np.sqrt(fan_in), truncated_std, rtol=0.02)
         np.testing.assert_allclose(np.asarray(flax_params[name]["kernel"]).std() * np.sqrt(fan_in), 1.0, rtol=0.02)
         assert not np.asarray(haiku[name]["bias"]).any()
+
+
+def numpy_forward(params, images):
+    """The net as the README describes it, in NumPy float64 with nothing from jax, flax or model.py: each
+    3x3 stride-2 conv an explicit sum over its 9 taps (zero padding as XLA's SAME puts it: the odd pixel
+    after), then GELU in its tanh form (flax's nn.gelu default), a mean over the pixels, Dense 128 + GELU,
+    Dense 10. Images are uint8 scaled by 1/255."""
+    def gelu(x):
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    x = np.asarray(images, np.float64) / 255  # (n, H, W, C)
+    for i in range(sum(name.startswith("Conv_") for name in params)):
+        kernel, bias = (np.asarray(params[f"Conv_{i}"][k], np.float64) for k in ("kernel", "bias"))
+        n, height, width, _ = x.shape
+        out_h, out_w = -(-height // 2), -(-width // 2)
+        pad_h, pad_w = max(2 * out_h + 1 - height, 0), max(2 * out_w + 1 - width, 0)
+        padded = np.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+        out = np.zeros((n, out_h, out_w, kernel.shape[3]))
+        for dy in range(3):
+            for dx in range(3):
+                tap = padded[:, dy:dy + 2 * out_h - 1:2, dx:dx + 2 * out_w - 1:2, :]  # (n, out_h, out_w, C)
+                out += np.einsum("nhwc,cf->nhwf", tap, kernel[dy, dx])
+        x = gelu(out + bias)
+    x = x.mean(axis=(1, 2))  # (n, channels[-1])
+    dense0, dense1 = params["Dense_0"], params["Dense_1"]
+    x = gelu(x @ np.asarray(dense0["kernel"], np.float64) + np.asarray(dense0["bias"], np.float64))
+    return x @ np.asarray(dense1["kernel"], np.float64) + np.asarray(dense1["bias"], np.float64)
+
+
+@pytest.mark.parametrize("conv,remat_gelu", [("xla", False), ("patches", False), ("stem_patches", False),
+                                             ("space_to_depth", False), ("xla", True)])
+def test_the_default_net_computes_what_the_readme_describes(conv, remat_gelu):
+    """Golden: the 422,602-parameter net's logits on fixed images (the synthetic source's, smooth colours and
+    rings with noise) against the NumPy forward pass above, for every conv formulation."""
+    import data
+    images = data.synthetic_dataset(6, 64).images  # (6, 64, 64, 3) uint8, the same every time
+    model = ConvNet(conv=conv, remat_gelu=remat_gelu)
+    params = model.init(jax.random.PRNGKey(3), images[:1])["params"]
+    want = numpy_forward(params, images)
+    got = np.asarray(model.apply({"params": params}, images), np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    assert np.abs(want).max() > 1e-2 and np.ptp(want, axis=0).max() > 1e-3  # logits that differ between images

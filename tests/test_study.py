@@ -29,10 +29,49 @@ def test_a_study_runs_its_plan_in_order_packs_every_line_and_skips_what_the_budg
             assert lines == [json.loads(line) for line in f]
         assert lines[0]["config"]["schedule"] == "warmup_cosine"
         assert lines[0]["config"]["warmup_steps"] == 1  # a tenth of the whole run's 12 steps
-    # Run again with no budget: the finished runs are not redone, the new ones do not fit.
-    outcome = study.run_study(*study.parse_args([*argv, "--budget-seconds", "0"]))
+    # Run again with no budget: the finished runs are not redone, the new ones do not fit; the pack, and a new
+    # one, hold every run whole (a repeated device call: each pack stands alone).
+    outcome = study.run_study(*study.parse_args([*argv, "--budget-seconds", "1"]))
     assert outcome["ran"] == [] and outcome["skipped"] == []
     assert read_pack(str(pack)) == packed
+    again = ["--pack", str(tmp_path / "again.jsonl"), *argv[2:], "--budget-seconds", "1"]
+    assert study.run_study(*study.parse_args(again))["ran"] == []
+    assert read_pack(str(tmp_path / "again.jsonl")) == packed
+
+
+def test_a_resumed_run_mirrors_its_whole_file_header_first():
+    """What a pack receives when a run resumes: every line its metrics.jsonl keeps, then the resume line."""
+    import metrics
+    lines = []
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mirror-{os.getpid()}.jsonl")
+    header = {"config": {"optimiser": "lamb", "outer_steps": 3}}
+    with open(path, "w") as f:
+        for line in [header, {"outer": 1, "validation_accuracy": 0.5}, {"outer": 2, "validation_accuracy": 0.6}]:
+            f.write(json.dumps(line) + "\n")
+    metrics.MetricsLog(path, header, 1, lines.append).file.close()
+    os.remove(path)
+    assert lines[:2] == [header, {"outer": 1, "validation_accuracy": 0.5}]
+    assert lines[2]["resumed_after_outer"] == 1 and len(lines) == 3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--output-dir", "runs"], "the following arguments are required: --pack (see study.py --help)"),
+    (["--pack", "p.jsonl", "--output-dir", "r", "--budget-seconds", "abc"],
+     "argument --budget-seconds: invalid float value: 'abc' (see study.py --help)"),
+    (["--pack", "p.jsonl", "--output-dir", "r", "--budget-seconds", "0"], "--budget-seconds must be positive, got 0.0"),
+    (["--pack", "{tmp}/no/such/p.jsonl", "--output-dir", "r"], "--pack {tmp}/no/such/p.jsonl: its folder {tmp}/no/such "
+                                                             "does not exist"),
+    (["--pack", "p.jsonl", "--output-dir", "r", "--variant-from", "{tmp}/none.json"],
+     "--variant-from {tmp}/none.json is not a bench.py --json file: [Errno 2] No such file or directory"),
+    (["--pack", "p.jsonl", "--output-dir", "r", "--dense", "0"], "--dense must be positive, got 0"),
+])
+def test_bad_study_inputs_end_with_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert err[0].startswith("study.py: error: " + message.format(tmp=tmp_path)), err[0]
 
 
 def test_nothing_starts_that_the_budget_cannot_fit(tmp_path):

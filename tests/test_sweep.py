@@ -8,11 +8,14 @@ import sys
 import numpy as np
 import pytest
 
+import checkpoint
+import config
+import data
 import sweep
 import train
 from errors import UsageError
 from conftest import ROOT
-from helpers import SMALL, device_env, read_metrics, wait_for_records
+from helpers import SMALL, device_env, make_folder, read_metrics, wait_for_records
 
 FIXED = [*SMALL, "--synthetic-examples", "300", "--inner-steps", "4", "--outer-steps", "3", "--target-accuracy", "0.3"]
 
@@ -130,9 +133,13 @@ def test_a_stop_signal_during_a_runs_last_outer_loop_stops_the_sweep_before_its_
 def test_batch_sizes_must_divide_the_largest_and_epsilons_must_be_positive(tmp_path):
     with pytest.raises(UsageError, match="--batch-sizes: 96 does not divide the largest, 128"):
         sweep.grid_points(*sweep.parse_args(["--batch-sizes", "64,96,128", "--output-dir", str(tmp_path), *FIXED]))
-    with pytest.raises(UsageError, match="--epsilon must be positive, got 0.0"):
-        sweep.grid_points(*sweep.parse_args(["--optimisers", "adam", "--epsilons", "0", "--output-dir", str(tmp_path),
-                                             *FIXED]))
+    points = sweep.grid_points(*sweep.parse_args(["--optimisers", "adam", "--adam-rates", "0.01", "--batch-sizes",
+                                                  "64,96,128",
+                                                  "--batch-inner-steps", "same", "--output-dir", str(tmp_path),
+                                                  *FIXED]))
+    assert [(p.config.batch_size, p.config.inner_steps) for p in points] == [(64, 4), (96, 4), (128, 4)]
+    with pytest.raises(UsageError, match="--epsilons must all be positive, got 0"):
+        sweep.parse_args(["--optimisers", "adam", "--epsilons", "0", "--output-dir", str(tmp_path), *FIXED])
     crashed = {"optimiser": "adam", "batch_size": "", "learning_rate": 0.01, "target_step": ""}  # no header
     assert sweep.batch_summary([crashed]) == []
 
@@ -156,16 +163,68 @@ def test_a_header_from_before_a_flag_existed_reads_as_the_run_it_was():
     """A metrics header without epsilon, batch size or initialiser (written before those flags) is the run it
     computed then, not a run at today's defaults: LAMB's default epsilon has changed since."""
     older = {"optimiser": "lamb", "learning_rate": 0.01, "seed": 0, "dataset": "synthetic", "inner_steps": 10}
-    definition = sweep.saved_definition(older)
+    today = config.Config(dataset="synthetic")
+    definition = sweep.saved_definition(older, today)
     assert (definition["epsilon"], definition["batch_size"], definition["initialiser"]) == (1e-6, None, "flax")
-    assert sweep.saved_definition({**older, "epsilon": 1e-7})["epsilon"] == 1e-7
-    assert sweep.saved_definition({**older, "optimiser": "adam"})["epsilon"] == 1e-8
+    assert sweep.saved_definition({**older, "epsilon": 1e-7}, today)["epsilon"] == 1e-7
+    assert sweep.saved_definition({**older, "optimiser": "adam"}, today)["epsilon"] == 1e-8
+
+
+def test_an_older_header_names_its_data_folder_by_the_path_given_now(tmp_path):
+    """A header without a run definition names its data folder by the path it had then, which may be gone or
+    lead elsewhere from where the sweep runs now: the folder is the one --data-dir names now (review)."""
+    folder = make_folder(tmp_path / "images")
+    older = {"optimiser": "adam", "learning_rate": 0.01, "seed": 0, "dataset": "folder", "data_dir": "../gone"}
+    now = config.Config(optimiser="adam", learning_rate=0.01, dataset="folder", data_dir=str(folder))
+    assert sweep.saved_definition(older, now)["data_dir"] == data.folder_identity(str(folder))
+    checkpoint.refuse_other_run(sweep.saved_definition(older, now), now)  # the same run: no refusal
 
 
 def test_a_run_name_means_the_same_run_whatever_the_default_epsilon():
     """Names carry epsilon where it is not optax's (a fixed reference), so a folder made when LAMB's default
     was optax's 1e-6 keeps its name and is found again by the same grid."""
-    import config
     names = {epsilon: sweep.run_name(config.Config(optimiser="lamb", epsilon=epsilon)) for epsilon in (None, 1e-6)}
     assert names == {None: "lamb-lr0.01-wd0-eps3.125e-08-constant-s0", 1e-6: "lamb-lr0.01-wd0-constant-s0"}
     assert sweep.run_name(config.Config(optimiser="adam")) == "adam-lr0.001-wd0-constant-s0"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-sizes", "4,-4"], "--batch-sizes must all be positive, got -4"),
+    (["--adam-rates", "0.01,0"], "--adam-rates must all be positive, got 0"),
+    (["--learning-rates", "1e-3,x"], "--learning-rates '1e-3,x' is not a comma-separated list of numbers"),
+    (["--momenta", "1"], "--momenta must all be in [0, 1), got 1"),
+    (["--seeds", "0.5"], "--seeds '0.5' is not a comma-separated list of integers"),
+    (["--optimisers", "adam", "--momenta", "0.5"], "--momenta applies to no optimiser of --optimisers adam"),
+    (["--optimisers", "sgd", "--weight-decays", "0.1"], "--weight-decays applies to no optimiser of --optimisers sgd"),
+    (["--optimisers", "sgd", "--epsilons", "1e-8"], "--epsilons applies to no optimiser of --optimisers sgd"),
+    (["--optimisers", "lamb", "--sgd-rates", "0.1"], "--sgd-rates applies to no optimiser of --optimisers lamb"),
+    (["--optimisers", "lamb", "--warmup-steps", "2"], "--warmup-steps needs a warmup schedule"),
+    (["--optimisers", "lamb,rmsprop"], "unknown optimiser(s) ['rmsprop'] in --optimisers"),
+])
+def test_bad_sweep_lists_end_with_one_line_naming_the_sweeps_own_flag(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main([*argv, "--output-dir", str(tmp_path), *FIXED])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith(f"sweep.py: error: {message}"), err
+
+
+def test_a_value_given_twice_runs_once_and_counts_once(tmp_path, capsys):
+    grid, base = sweep.parse_args(["--optimisers", "adam", "--adam-rates", "1e-3,0.001", "--seeds", "0,0",
+                                   "--output-dir", str(tmp_path), *FIXED])
+    assert grid["learning_rates"]["adam"] == [0.001] and grid["seeds"] == [0]
+    assert len(sweep.grid_points(grid, base)) == 1
+    err = capsys.readouterr().err
+    assert "sweep.py: --adam-rates 1e-3,0.001 lists a value more than once; each runs once: 0.001" in err
+    assert "sweep.py: --seeds 0,0 lists a value more than once; each runs once: 0" in err
+
+
+def test_every_batch_size_of_the_grid_is_checked_before_the_first_run_trains(tmp_path, capsys):
+    for sizes, message in [("16,24,12", "--batch-sizes 12 does not split over the 8 devices"),
+                           ("64,4096", "--batch-sizes 4096 is above the 1,920 training examples")]:
+        out = tmp_path / sizes.replace(",", "-")
+        with pytest.raises(SystemExit) as exit_info:
+            sweep.main(["--optimisers", "adam", "--batch-sizes", sizes, "--batch-inner-steps", "same",
+                        "--output-dir", str(out), *FIXED])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and err[-1].startswith(f"sweep.py: error: {message}"), err
+        assert not list(tmp_path.glob("**/metrics.jsonl"))  # no run trained

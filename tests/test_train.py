@@ -57,9 +57,9 @@ def test_padded_sharded_step_equals_the_unpadded_single_device_computation(micro
     applied = jax.tree.map(lambda old, new: old - new[0], params, new_state.params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), applied, grads)
     evaluate = jax.pmap(functools.partial(train.evaluation, apply_fn=model.apply, chunk=microbatch),
-                        axis_name=parallel.AXIS, static_broadcasted_argnums=4)
-    each, counts = evaluate(state.params, *batch, 1)
-    assert counts[0].tolist() == [correct, 0]
+                        axis_name=parallel.AXIS, static_broadcasted_argnums=(4, 5))
+    each, counts = evaluate(state.params, *batch, 1, None)
+    assert counts[0].tolist() == [correct, 0, 13]
     predictions = np.argmax(np.asarray(model.apply({"params": params}, split.images)), -1)
     np.testing.assert_array_equal(parallel.in_split_order(each, 13), predictions == split.labels)
 
@@ -95,6 +95,38 @@ def test_the_step_train_py_builds_moves_by_the_mean_gradient_over_all_eight_form
     want_ratios = jax.tree.map(lambda g, p: norm(g) / norm(p) if norm(p) else np.nan, want_grads, params)
     jax.tree.map(lambda got, want: np.testing.assert_allclose(got[0], want, rtol=1e-4), statistics["update_ratios"],
                  want_ratios)
+
+
+def test_what_the_optimiser_did_is_reported_from_its_update_not_its_gradient():
+    """Adam's update is not its gradient (SGD at rate 1's is): the reported norms and per-array ratios are
+    those of the params' change, recomputed here from the params before and after, against optax's own
+    adamw for the update itself."""
+    split, model, params = small_problem(16)
+    batch = parallel.on_devices(*data.pad_and_shard(split, 8, 2))
+    prepared = device_data.Prepared(batch, batch, 16, 16, 1, 10, 16)
+    c = config.Config(optimiser="adam", learning_rate=0.01, channels=(4, 8), dense=8, inner_steps=1, outer_steps=1,
+                      inner_loop="python", microbatch=1, dataset="synthetic", no_augment=True)
+    programs = train.build_programs(c, prepared)
+    state = optimisers.with_hyperparams(optimisers.create_state(programs.model, programs.optimiser, 0, (8, 8, 3)), c)
+    state = flax.jax_utils.replicate(state.replace(params=params))
+    no_signal = SimpleNamespace(received=None, flags=lambda: np.zeros(jax.local_device_count(), np.int32))
+    new_state, _, statistics = programs.inner(state, *batch, seed=0, stop=no_signal)
+    new_params = jax.tree.map(lambda p: np.asarray(p[0], np.float64), new_state.params)
+    grads = reference_loss_grads_correct(model, params, split)[1]
+    plain = optax.adamw(0.01, eps=config.DEFAULT_EPSILONS["adam"], weight_decay=0.0)
+    updates = plain.update(grads, plain.init(params), params)[0]
+    jax.tree.map(lambda new, old, u: np.testing.assert_allclose(new - old, u, rtol=1e-4, atol=1e-7), new_params,
+                 params, updates)
+
+    def norm(tree):
+        return np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree)))
+    change = jax.tree.map(lambda new, old: new - np.asarray(old, np.float64), new_params, params)
+    np.testing.assert_allclose(statistics["update_norm"][0], norm(change), rtol=1e-4)
+    np.testing.assert_allclose(statistics["gradient_norm"][0], norm(grads), rtol=1e-4)
+    assert abs(norm(change) - norm(grads)) > 0.1 * norm(grads)  # here the two differ: the check could fail
+    np.testing.assert_allclose(statistics["parameter_norm"][0], norm(new_params), rtol=1e-5)
+    want = jax.tree.map(lambda u, p: norm(u) / norm(p) if norm(p) else np.nan, change, params)
+    jax.tree.map(lambda got, w: np.testing.assert_allclose(got[0], w, rtol=1e-4), statistics["update_ratios"], want)
 
 
 @pytest.mark.parametrize("chunk", [0, 1, 4, 5, 9])
@@ -215,9 +247,10 @@ def test_training_is_the_same_on_one_and_on_eight_devices(tmp_path):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *trees)
 
 
-def test_a_bfloat16_run_learns_end_to_end_and_its_best_params_give_its_best_accuracy(tmp_path):
+def test_a_bfloat16_run_learns_end_to_end_and_its_best_params_give_its_best_accuracy(tmp_path, capsys):
     train.main([*SMALL, "--synthetic-examples", "500", "--inner-steps", "10", "--outer-steps", "3", "--optimiser",
                 "adam", "--learning-rate", "0.03", "--dtype", "bfloat16", "--output-dir", str(tmp_path)])
+    assert "\nnote: bfloat16 on a CPU runs about 3x slower than float32" in capsys.readouterr().out
     header, records, summary = read_metrics(tmp_path)
     assert header["config"]["dtype"] == "bfloat16" and records[-1]["loss"] < records[0]["loss"]
     assert summary["best"]["validation_accuracy"] >= 0.3  # chance is 0.1
@@ -255,10 +288,17 @@ def test_a_bfloat16_run_learns_end_to_end_and_its_best_params_give_its_best_accu
     (["--keep-checkpoints", "0"], "--keep-checkpoints must be positive, got 0"),
     (["--distributed-timeout", "0"], "--distributed-timeout must be positive, got 0"),
     (["--weight-decay=-0.1"], "--weight-decay must be >= 0, got -0.1"),
-    (["--warmup-steps", "300"], "--warmup-steps must be in [0, total steps 13), got 300"),
+    (["--warmup-steps", "300", "--schedule", "warmup_cosine"],
+     "--warmup-steps must be in [0, total steps 13), got 300"),
     (["--microbatch=-1"], "--microbatch must be >= 0 (0 = automatic), got -1"),
     (["--target-accuracy", "1.5"], "--target-accuracy must be in (0, 1], got 1.5"),
     (["--epsilon", "0"], "--epsilon must be positive, got 0.0"),
+    (["--train-eval-examples", "0"], "--train-eval-examples must be positive, got 0"),
+    (["--optimiser", "adam", "--momentum", "0.5"], "--momentum is SGD's; adam has none"),
+    (["--optimiser", "sgd", "--weight-decay", "0.1"], "--weight-decay is LAMB's and Adam's (decoupled); sgd has none"),
+    (["--warmup-steps", "5"], "--warmup-steps needs a warmup schedule: add --schedule warmup_cosine or warmup_linear"),
+    (["--output-dir", "gs://bucket/run"], "--output-dir gs://bucket/run: a URL is not a folder train.py can write; "
+                                          "give a folder every host sees"),
 ])
 def test_bad_input_exits_non_zero_with_one_line_naming_the_problem(tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
