@@ -29,13 +29,13 @@ import optax
 
 import optimisers
 import parallel
-import train
+import steps
 from config import CONVS, DTYPES, OPTIMISERS, Config, check, parser
 from errors import UsageError, exit_on_failure
 from model import ConvNet
 
 
-def parse_args(argv=None):
+def build_parser():
     default = Config()  # train.py's own defaults, so that a bare bench.py times train.py's step
     p = parser("bench.py", __doc__)
     p.add_argument("--batch", type=int, default=2048,
@@ -60,7 +60,11 @@ def parse_args(argv=None):
                    help="also trace one more run of each variant with jax.profiler into DIR and put its largest "
                         "kernels (time per step) into the figures")
     p.add_argument("--json", default=None, help="also write the figures here")
-    a = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    a = build_parser().parse_args(argv)
     for flag in ("--batch", "--steps", "--repeats"):
         if getattr(a, flag[2:]) <= 0:
             raise UsageError(f"{flag} must be positive, got {getattr(a, flag[2:])}")
@@ -290,13 +294,13 @@ def time_variant(name, config, a, per_device, batch, check_images, reference_log
     rows = []
     for mode in ["python", "compiled"] if a.inner_loop == "both" else [a.inner_loop]:
         if mode == "python":  # train.py's own step: with what the optimiser did, the noise scale and a stop flag
-            step = jax.pmap(functools.partial(train.step_agreeing_to_stop, **step_kwargs), axis_name=parallel.AXIS,
+            step = jax.pmap(functools.partial(steps.step_agreeing_to_stop, **step_kwargs), axis_name=parallel.AXIS,
                             donate_argnums=0)
             zeros = np.zeros(jax.local_device_count(), np.int32)
             no_sums = np.zeros((jax.local_device_count(), 2), np.float32)
             run_steps = python_loop(lambda state, *batch: step(state, *batch, zeros, no_sums, zeros)[:2], a.steps)
         else:
-            run_steps = jax.pmap(functools.partial(train.inner_loop, steps=a.steps, **step_kwargs),
+            run_steps = jax.pmap(functools.partial(steps.inner_loop, steps=a.steps, **step_kwargs),
                                  axis_name=parallel.AXIS, donate_argnums=0)
         row = measure(f"{name}, {mode} loop", run_steps, jax.tree.map(jnp.copy, state), batch, a.batch, a.steps,
                       a.repeats, a.profile)

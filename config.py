@@ -36,6 +36,11 @@ class Config:
     epsilon: float | None = None
     schedule: str = "constant"
     warmup_steps: int = 0
+    ema: float = 0.0
+    label_smoothing: float = 0.0
+    lamb_exclude_biases: bool = False
+    gradient_penalty: float = 0.0
+    penalty_block: int = 32
     inner_steps: int = 100
     outer_steps: int = 13
     batch_size: int | None = None
@@ -79,15 +84,21 @@ class Config:
 # with two refinements there: outer_steps counts only when the schedule's shape depends on the run's
 # length, and a data folder counts by its contents, not by its path.
 RUN_DEFINITION = ("optimiser", "learning_rate", "weight_decay", "momentum", "epsilon", "schedule", "warmup_steps",
+                  "ema", "label_smoothing", "lamb_exclude_biases", "gradient_penalty", "penalty_block",
                   "inner_steps", "outer_steps", "batch_size", "seed", "dataset", "data_dir", "synthetic_examples",
                   "image_size", "train_examples", "no_augment", "channels", "dense", "initialiser", "dtype")
+# The regularisers of a whole-set batch (RESULTS.md section 9): off unless asked for; run names carry them then.
+REGULARISERS = {"ema": 0.0, "label_smoothing": 0.0, "lamb_exclude_biases": False, "gradient_penalty": 0.0,
+                "penalty_block": 32}
 
 
 def defaults_before(definition: dict) -> dict:
     """What a run computed in the parts of its definition added after it was written (a definition saved
     without one means this value, so an older checkpoint, sweep or report still reads right): one
-    initialiser, the whole set as the batch, and optax's epsilons (LAMB's default has changed since)."""
-    return {"initialiser": "flax", "batch_size": None, "epsilon": OPTAX_EPSILONS.get(definition.get("optimiser"))}
+    initialiser, the whole set as the batch, optax's epsilons (LAMB's default has changed since), and none
+    of the regularisers."""
+    return {"initialiser": "flax", "batch_size": None, "epsilon": OPTAX_EPSILONS.get(definition.get("optimiser")),
+            **REGULARISERS}
 
 
 # How it is computed, reported or kept: free to change on resume (other devices, hosts, conv formulation...).
@@ -127,6 +138,19 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     add("--schedule", choices=SCHEDULES, default=default.schedule,
         help="learning-rate shape: constant, or linear warmup then cosine or linear decay to 0 at the last step")
     add("--warmup-steps", type=int, default=default.warmup_steps, help="warmup steps of the warmup_* schedules")
+    add("--ema", type=float, default=default.ema,
+        help="keep an exponential moving average of the parameters with this decay (0: none); each outer loop "
+             "evaluates both, and the better on validation is the outer loop's (and the best params')")
+    add("--label-smoothing", type=float, default=default.label_smoothing,
+        help="cross-entropy against labels smoothed by this much (optax.smooth_labels); accuracy is unchanged")
+    add("--lamb-exclude-biases", action="store_true",
+        help="lamb: biases take neither weight decay nor the trust ratio, as in LAMB's authors' code (optax's "
+             "lamb applies both to every array)")
+    add("--gradient-penalty", type=float, default=default.gradient_penalty,
+        help="add this / 2 times the mean over blocks of --penalty-block examples of the squared norm of the "
+             "block's mean-loss gradient (double backpropagation; about 3x the step's work; 0: none)")
+    add("--penalty-block", type=int, default=default.penalty_block,
+        help="examples per block of --gradient-penalty (blocks lie within a device's gradient chunks)")
     add("--inner-steps", type=int, default=default.inner_steps, help="update steps between validation checks")
     add("--outer-steps", type=int, default=default.outer_steps, help="validation checks (outer loops)")
     add("--batch-size", type=int, default=None,
@@ -218,6 +242,18 @@ def check(config: Config) -> None:
         raise UsageError(f"--epsilon must be positive, got {c.epsilon}")
     if not 0 <= c.momentum < 1:
         raise UsageError(f"--momentum must be in [0, 1), got {c.momentum}")
+    if not 0 <= c.ema < 1:
+        raise UsageError(f"--ema must be in [0, 1) (0: none), got {c.ema}")
+    if not 0 <= c.label_smoothing < 1:
+        raise UsageError(f"--label-smoothing must be in [0, 1), got {c.label_smoothing}")
+    if not 0 <= c.gradient_penalty < math.inf:
+        raise UsageError(f"--gradient-penalty must be >= 0 (0: none), got {c.gradient_penalty}")
+    if c.penalty_block <= 0:
+        raise UsageError(f"--penalty-block must be positive, got {c.penalty_block}")
+    if c.lamb_exclude_biases and c.optimiser != "lamb":
+        raise UsageError(f"--lamb-exclude-biases is LAMB's; {c.optimiser} has no trust ratio: leave it out")
+    if c.penalty_block != Config.penalty_block and not c.gradient_penalty:
+        raise UsageError("--penalty-block needs --gradient-penalty: leave it out, or add the penalty")
     # A flag the run would ignore must not be recorded as if it applied.
     if c.optimiser != "sgd" and c.momentum != Config.momentum:
         raise UsageError(f"--momentum is SGD's; {c.optimiser} has none (its moments' decay rates are optax's "

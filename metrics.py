@@ -218,6 +218,8 @@ def outer_line(outer_steps: int, record: dict, best: dict, first: bool) -> str:
     spread = f"{ratios[0]:.1e}/{ratios[len(ratios) // 2]:.1e}/{ratios[-1]:.1e}" if ratios else "-"
     return (f"outer {record['outer']}/{outer_steps} step {record['step']}: loss {record['loss']:.4f} "
             f"train acc {record['train_accuracy']:.4f} val acc {record['validation_accuracy']:.4f} "
+            + (f"(raw {record['raw_validation_accuracy']:.4f}, ema {record['ema_validation_accuracy']:.4f}) "
+               if "ema_validation_accuracy" in record else "") +
             f"(best {best['validation_accuracy']:.4f} @ outer {best['outer']}) | lr {record['learning_rate']:.3g} "
             f"grad {record['gradient_norm']:.3g} update/param {spread} | {record['inner_seconds']:.2f}s "
             f"{record['images_per_second']:,.0f} img/s | " + noise_text(record)

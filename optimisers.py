@@ -1,5 +1,7 @@
 """The optimisers (optax LAMB, AdamW, SGD with momentum) with their rates in the optimiser state, and the
 learning-rate schedules."""
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -16,16 +18,54 @@ def schedule_shape(name: str, warmup_steps: int, total_steps: int):
                                  optax.linear_schedule(1.0, 0.0, total_steps - warmup_steps)], [warmup_steps])
 
 
-def make_optimiser(name: str, schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 1):
-    """optax lamb / adamw / sgd+momentum with every rate and coefficient in the optimiser state.
+def lamb_excluding_biases(learning_rate, weight_decay=0.0, eps=1e-6, b1=0.9, b2=0.999):
+    """LAMB as its authors' code ran it (google-research/albert, lamb_optimizer.py): biases take neither the
+    weight decay nor the trust ratio (a zero-initialised bias has a norm of 0 and would barely move), built
+    from optax.lamb's own parts with masks, as optax's lars masks its trust ratio."""
+    def not_biases(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) != "bias", params)
+    return optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), optax.add_decayed_weights(weight_decay, not_biases),
+                       optax.masked(optax.scale_by_trust_ratio(), not_biases),
+                       optax.scale_by_learning_rate(learning_rate))
+
+
+class AverageState(NamedTuple):
+    average: optax.Params  # the exponential moving average of the parameters
+
+
+def parameter_average(decay: float) -> optax.GradientTransformation:
+    """Keeps an exponential moving average of the parameters after each update (starting from the initial
+    ones) in the optimiser state, so it is replicated, checkpointed and resumed with it; updates pass as
+    they are. The last link of the chain: it sees the update that is applied."""
+    def init(params):
+        return AverageState(jax.tree.map(jnp.asarray, params))
+
+    def update(updates, state, params):
+        average = jax.tree.map(lambda a, p, u: decay * a + (1 - decay) * (p + u), state.average, params, updates)
+        return updates, AverageState(average)
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimiser(name: str, schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 1,
+                   lamb_exclude_biases: bool = False, ema: float = 0.0):
+    """optax lamb / adamw / sgd+momentum with every rate and coefficient in the optimiser state; with ema, a
+    moving average of the parameters kept there too (`averaged_params`).
 
     Holding them as state (inject_hyperparams), not constants, lets one compiled step serve every
     learning rate, weight decay, epsilon and momentum of a sweep. Set them with `with_hyperparams`.
     """
-    factory = {"lamb": optax.lamb, "adam": optax.adamw, "sgd": optax.sgd}[name]
+    factory = {"lamb": lamb_excluding_biases if lamb_exclude_biases else optax.lamb, "adam": optax.adamw,
+               "sgd": optax.sgd}[name]
     coefficient = {"sgd": {"momentum": 0.0}}.get(name, {"weight_decay": 0.0, "eps": 1.0})
     base = optax.inject_hyperparams(factory)(learning_rate=0.0, **coefficient)
-    return optax.chain(base, optax.scale_by_schedule(schedule_shape(schedule, warmup_steps, total_steps)))
+    links = [base, optax.scale_by_schedule(schedule_shape(schedule, warmup_steps, total_steps))]
+    return optax.chain(*links, *([parameter_average(ema)] if ema else []))
+
+
+def averaged_params(state: TrainState):
+    """The moving average of the parameters (--ema), or None."""
+    last = state.opt_state[-1]
+    return last.average if isinstance(last, AverageState) else None
 
 
 def rate_in_force(config, update: int) -> float:

@@ -565,11 +565,15 @@ def main(argv=None):
     exit_on_failure("report.py", write_report, argv)
 
 
-def write_report(argv=None):
+def build_parser():
     p = parser("report.py", __doc__)
     p.add_argument("--results", default="results", help="folder holding the runs' metrics files")
     p.add_argument("--out", default="RESULTS.md", help="the file to fill (made with a skeleton if missing)")
-    args = p.parse_args(argv)
+    return p
+
+
+def write_report(argv=None):
+    args = build_parser().parse_args(argv)
     made = blocks(args.results)
     text = open(args.out).read() if os.path.exists(args.out) else skeleton(made)
     filled = fill(text, made)  # before opening: a refused file stays as it was

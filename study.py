@@ -56,7 +56,7 @@ PLAN = [
 ]
 
 
-def parse_args(argv=None):
+def build_parser():
     p = parser("study.py", __doc__)
     p.add_argument("--budget-seconds", type=float, default=480, help="device time the runs may take in all")
     p.add_argument("--seconds-per-outer", type=float, default=18.4,
@@ -65,7 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--pack", required=True, help="one file with every line of every run's metrics")
     p.add_argument("--variant-from", default=None, help="a bench.py --json file: use its fastest correct variant")
     p.add_argument("--output-dir", required=True, help="one folder per run (checkpoints, metrics)")
-    study, fixed = p.parse_known_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    study, fixed = build_parser().parse_known_args(argv)
     for flag in ("--budget-seconds", "--seconds-per-outer", "--compile-seconds"):
         value = getattr(study, flag[2:].replace("-", "_"))
         if not 0 < value < math.inf:

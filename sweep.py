@@ -40,7 +40,7 @@ SWEPT = {"--optimiser": "--optimisers", "--learning-rate": "--learning-rates (or
          "--epsilon": "--epsilons (or --lamb-epsilons, --adam-epsilons)", "--batch-size": "--batch-sizes"}
 WITH_EPSILON = ("lamb", "adam")
 COLUMNS = ["rank", "run", "optimiser", "learning_rate", "weight_decay", "momentum", "epsilon", "batch_size", "seed",
-           "schedule", "status", "target_images",
+           "schedule", "options", "status", "target_images",
            "best_validation_accuracy", "best_outer", "best_step", "target_step", "target_seconds", "final_loss"]
 
 
@@ -80,7 +80,7 @@ def parse_list(text: str, flag: str, kind: str) -> list:
     return unique
 
 
-def parse_args(argv=None):
+def build_parser():
     p = parser("sweep.py", __doc__)  # no prefix matching: --weight-decay must not pass for --weight-decays
     p.add_argument("--optimisers", default=",".join(OPTIMISERS), help=f"comma separated, from {OPTIMISERS}")
     p.add_argument("--learning-rates", default=None,
@@ -102,7 +102,11 @@ def parse_args(argv=None):
                         "(every validation check comes after as many steps, so steps to the target are known to the "
                         "same share at every batch size)")
     p.add_argument("--output-dir", required=True, help="one folder per run, and the leaderboard")
-    sweep, fixed = p.parse_known_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    sweep, fixed = build_parser().parse_known_args(argv)
     for flag, listed in SWEPT.items():
         if any(a == flag or a.startswith(flag + "=") for a in fixed):
             raise UsageError(f"{flag} is swept by sweep.py: give its values as {listed}")
@@ -180,7 +184,16 @@ def run_name(config: Config) -> str:
     detail = f"m{config.momentum:g}" if config.optimiser == "sgd" else f"wd{config.weight_decay:g}"
     epsilon = "" if config.epsilon == OPTAX_EPSILONS[config.optimiser] else f"-eps{config.epsilon:g}"
     batch = f"-b{config.batch_size}" if config.batch_size else ""
-    return f"{config.optimiser}-lr{config.learning_rate:g}-{detail}{epsilon}{batch}-{config.schedule}-s{config.seed}"
+    return (f"{config.optimiser}-lr{config.learning_rate:g}-{detail}{epsilon}{batch}{options_name(config)}-"
+            f"{config.schedule}-s{config.seed}")
+
+
+def options_name(config: Config) -> str:
+    """The regularisers a run uses, in its name (none: nothing, so older names stay as they were)."""
+    return "".join([f"-ema{config.ema:g}" if config.ema else "",
+                    f"-ls{config.label_smoothing:g}" if config.label_smoothing else "",
+                    "-xb" if config.lamb_exclude_biases else "",
+                    f"-gp{config.gradient_penalty:g}b{config.penalty_block}" if config.gradient_penalty else ""])
 
 
 def at_home(config: Config, output_dir: str) -> Point:
@@ -227,7 +240,7 @@ def leaderboard_rows(points):
                      "weight_decay": c.weight_decay if c.optimiser != "sgd" else "",
                      "momentum": c.momentum if c.optimiser == "sgd" else "",
                      "epsilon": c.epsilon if c.optimiser in WITH_EPSILON else "", "seed": c.seed,
-                     "schedule": c.schedule, "status": status,
+                     "schedule": c.schedule, "options": options_name(c).strip("-") or "none", "status": status,
                      "best_validation_accuracy": best["validation_accuracy"] if best else 0.0,
                      "best_outer": best["outer"] if best else "", "best_step": best["step"] if best else "",
                      "target_step": target.get("step", ""),
@@ -246,7 +259,8 @@ def optimiser_summary(rows):
     for optimiser in sorted({r["optimiser"] for r in rows}):
         settings, mine = {}, [r for r in rows if r["optimiser"] == optimiser]
         for r in mine:
-            key = (r["learning_rate"], r["weight_decay"], r["momentum"], r["epsilon"], r.get("batch_size", ""))
+            key = (r["learning_rate"], r["weight_decay"], r["momentum"], r["epsilon"], r.get("batch_size", ""),
+                   r.get("options", "none"))
             settings.setdefault(key, []).append(r["best_validation_accuracy"])
         key, scores = max(settings.items(), key=lambda item: statistics.median(item[1]))
         several_batches = len({r.get("batch_size", "") for r in mine}) > 1
@@ -255,7 +269,8 @@ def optimiser_summary(rows):
                         "best_setting": f"lr {key[0]:g}" + (f" wd {key[1]:g}" if key[1] != "" else "")
                                         + (f" momentum {key[2]:g}" if key[2] != "" else "")
                                         + (f" eps {key[3]:g}" if key[3] != "" else "")
-                                        + (f" batch {key[4]}" if several_batches else ""),
+                                        + (f" batch {key[4]}" if several_batches else "")
+                                        + (f" {key[5]}" if key[5] != "none" else ""),
                         "median_over_seeds": statistics.median(scores), "spread": max(scores) - min(scores),
                         "seeds": len(scores)})
     return sorted(summary, key=lambda s: -s["median_over_seeds"])

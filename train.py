@@ -3,9 +3,10 @@
 Run the same command on every host of a pod slice, or once on a single GPU/CPU box:
     python train.py --optimiser lamb
 
-This file is the experiment: the step, the inner and outer loops, and a run. Flags are in config.py, the
-optimisers in optimisers.py, the data on the devices in device_data.py, processes and devices in
-parallel.py, stop signals in stopping.py, checkpoints in checkpoint.py, the metrics file in metrics.py.
+This file is the experiment: a run's compiled programs, its outer loops and what each records. The step and
+the inner loops are in steps.py, flags in config.py, the optimisers in optimisers.py, the data on the devices
+in device_data.py, processes and devices in parallel.py, stop signals in stopping.py, checkpoints in
+checkpoint.py, the metrics file in metrics.py, the gradient noise scale in noise_scale.py.
 """
 import dataclasses
 import functools
@@ -21,159 +22,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 import checkpoint
 import data
+import steps
 import noise_scale
 from config import parse as parse_config
 from device_data import Prepared, load_split, prepare, prepare_split
 from errors import Diverged, Interrupted, UsageError, exit_on_failure
 from metrics import MetricsLog, Pack, complete_summary, model_line, outer_line, pack_bits, provenance
 from model import ConvNet, param_count
-from optimisers import create_state, make_optimiser, rate_in_force, with_hyperparams
+from optimisers import averaged_params, create_state, make_optimiser, rate_in_force, with_hyperparams
 from parallel import AXIS, choose_conv, choose_microbatch, in_split_order, init_distributed, log, replicate
 from progress import Progress
 from stopping import StopSignals
-
-
-# ----------------------------------------------------------------------------- the step
-
-def summed_over_chunks(fn, arrays, chunk):
-    """fn(*arrays) for a fn that returns sums over examples, computed `chunk` examples at a time.
-
-    Peak memory then follows the chunk, not the batch: the whole dataset fits any device.
-    """
-    n = arrays[0].shape[0]
-    if not chunk or chunk >= n:
-        return fn(*arrays)
-    count, full = n // chunk, n // chunk * chunk
-    heads = [a[:full].reshape(count, chunk, *a.shape[1:]) for a in arrays]  # (count, chunk, ...)
-    shapes = jax.eval_shape(fn, *[h[0] for h in heads])
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    total, _ = lax.scan(lambda acc, xs: (jax.tree.map(jnp.add, acc, fn(*xs)), None), zeros, heads)
-    if full < n:
-        total = jax.tree.map(jnp.add, total, fn(*[a[full:] for a in arrays]))
-    return total
-
-
-def mapped_over_chunks(fn, arrays, chunk):
-    """fn(*arrays) for a fn that maps each example to its own outputs, computed `chunk` examples at a time."""
-    n = arrays[0].shape[0]
-    if not chunk or chunk >= n:
-        return fn(*arrays)
-    count, full = n // chunk, n // chunk * chunk
-    heads = [a[:full].reshape(count, chunk, *a.shape[1:]) for a in arrays]  # (count, chunk, ...)
-    outputs = jax.tree.map(lambda o: o.reshape(full, *o.shape[2:]), lax.map(lambda xs: fn(*xs), heads))
-    if full < n:
-        outputs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outputs, fn(*[a[full:] for a in arrays]))
-    return outputs
-
-
-def loss_sum(params, apply_fn, images, labels, mask):
-    logits = apply_fn({"params": params}, images)  # (n, classes)
-    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * mask)
-
-
-def draw(images, labels, mask, step, seed, *, per_device_batch):
-    """This device's share of step `step`'s batch: `per_device_batch` of its real examples, drawn without
-    replacement within an epoch of its own, in an order fixed by (seed, epoch, device). Nothing but the
-    step number decides it, so a run resumed on the same device layout draws what the uninterrupted one
-    would (another layout draws other batches). The real examples are a device's first slots (padding
-    comes last) and are never fewer than the share (checked)."""
-    slots = mask.shape[0]
-    real = jnp.sum(mask > 0).astype(jnp.int32)
-    first = step * per_device_batch  # this device's draws before this step
-    positions = first + jnp.arange(per_device_batch)  # (per_device_batch,)
-    epoch = first // real  # a step spans at most two epochs, as the share is at most `real`
-
-    def order(e):  # a permutation of the real slots first, for epoch e
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), lax.axis_index(AXIS)), e)
-        return jnp.argsort(jnp.where(jnp.arange(slots) < real, jax.random.uniform(key, (slots,)), 2.0))
-    orders = jnp.stack([order(epoch), order(epoch + 1)])  # (2, slots)
-    index = orders[positions // real - epoch, positions % real]  # (per_device_batch,)
-    return images[index], labels[index], mask[index]
-
-
-def loss_and_gradient(state, images, labels, mask, *, example_count, population, microbatch, per_device_batch=0,
-                      seed=0):
-    """The mean loss over the global batch, its gradient (this device holds a shard), and the step's
-    estimates of tr(Sigma) and |G|^2 from its gradient chunks (noise_scale.py). With per_device_batch, the
-    batch is drawn from the shard (`draw`); else it is the whole shard."""
-    if per_device_batch:
-        images, labels, mask = draw(images, labels, mask, state.step, seed, per_device_batch=per_device_batch)
-
-    def chunk(x, y, m):
-        loss, grads = jax.value_and_grad(loss_sum)(state.params, state.apply_fn, x, y, m)
-        return loss, grads, noise_scale.chunk_terms(grads, jnp.sum(m))
-
-    local = summed_over_chunks(chunk, (images, labels, mask), microbatch)
-    # Sums from every device of every host (one all-reduce): the same step on 1 device or 256.
-    loss, grads, terms = lax.psum(local, AXIS)
-    loss, grads = jax.tree.map(lambda s: s / example_count, (loss, grads))
-    return loss, grads, noise_scale.estimates(terms, grads, example_count, population)
-
-
-def train_step(state, images, labels, mask, **step_kwargs):
-    """One update with the gradient of the mean loss over the global batch; (new state, loss before it)."""
-    loss, grads, _ = loss_and_gradient(state, images, labels, mask, **step_kwargs)
-    return state.apply_gradients(grads=grads), loss
-
-
-def optimiser_statistics(grads, params, new_params) -> dict:
-    """What the update did: global norms of the gradient, the update and the parameters, and per parameter
-    array the ratio of its update's norm to its norm (what LAMB's trust ratio sets to the learning rate;
-    NaN where the parameters are all zero, as biases start)."""
-    def norm(tree):
-        return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-    updates = jax.tree.map(jnp.subtract, new_params, params)
-    ratios = jax.tree.map(lambda u, p: jnp.where(norm(p) > 0, norm(u) / norm(p), jnp.nan), updates, params)
-    return {"gradient_norm": norm(grads), "update_norm": norm(updates), "parameter_norm": norm(new_params),
-            "update_ratios": ratios}
-
-
-def observed_step(state, images, labels, mask, noise_sums, **step_kwargs):
-    """train_step, plus what the optimiser did (the same on every device: the gradient is all-reduced) and
-    `noise_sums` plus this step's (tr(Sigma), |G|^2) estimates: an outer loop sums them over its steps."""
-    loss, grads, noise = loss_and_gradient(state, images, labels, mask, **step_kwargs)
-    new_state = state.apply_gradients(grads=grads)
-    return new_state, loss, {**optimiser_statistics(grads, state.params, new_state.params),
-                             "noise_sums": noise_sums + noise}
-
-
-def step_agreeing_to_stop(state, images, labels, mask, seed, noise_sums, stop_signal, **step_kwargs):
-    """observed_step, plus the largest stop signal any process passed in: every process reads the same
-    value after the same step, so all of them stop together."""
-    return (*observed_step(state, images, labels, mask, noise_sums, seed=seed, **step_kwargs),
-            lax.pmax(stop_signal, AXIS))
-
-
-def inner_loop(state, images, labels, mask, seed=0, *, steps, **step_kwargs):
-    """`steps` updates as one program; returns the new state, the loss before the last update and what
-    the optimiser did in the last update (with the noise estimates summed over the steps)."""
-    step_kwargs["seed"] = seed
-
-    def body(_, carry):
-        return observed_step(carry[0], images, labels, mask, carry[2]["noise_sums"], **step_kwargs)
-    no_sums = jnp.zeros(2, jnp.float32)
-    shapes = jax.eval_shape(lambda: observed_step(state, images, labels, mask, no_sums, **step_kwargs)[2])
-    nothing_yet = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    return lax.fori_loop(0, steps, body, (state, jnp.zeros((), jnp.float32), nothing_yet))
-
-
-def evaluation(params, images, labels, mask, stride, limit, *, apply_fn, chunk):
-    """Whether each of this device's real examples is classified correctly, and over all devices the counts
-    (correct, with a non-finite logit, examples evaluated); `stride` 8 picks the un-augmented images, `limit`
-    (None: all) the first of them on each device. The second count catches params that the last update blew
-    up, which the loss (computed before that update) cannot show."""
-    def per_example(x, y, m):
-        logits = apply_fn({"params": params}, x)  # (n, classes)
-        real = m > 0
-        return (jnp.argmax(logits, axis=-1) == y) & real, ~jnp.all(jnp.isfinite(logits), axis=-1) & real
-    picked = [a[::stride][:limit] for a in (images, labels, mask)]
-    correct, broken = mapped_over_chunks(per_example, picked, chunk)
-    counts = jnp.stack([correct.sum(), broken.sum(), (picked[2] > 0).sum()])
-    return correct, lax.psum(counts, AXIS)  # (n,), (3,)
 
 
 # ----------------------------------------------------------------------------- the compiled programs
@@ -193,7 +55,8 @@ class Programs(NamedTuple):
 # Everything build_programs reads: runs equal in these (they may differ in rate, decay, momentum, seed...)
 # share one compiled program in a sweep.
 PROGRAM_FIELDS = ("optimiser", "schedule", "warmup_steps", "inner_steps", "outer_steps", "channels", "dense",
-                  "initialiser", "dtype", "conv", "remat_gelu", "microbatch", "inner_loop", "batch_size")
+                  "initialiser", "dtype", "conv", "remat_gelu", "microbatch", "inner_loop", "batch_size", "ema",
+                  "label_smoothing", "lamb_exclude_biases", "gradient_penalty", "penalty_block")
 
 
 def program_key(config) -> tuple:
@@ -207,24 +70,30 @@ def build_programs(config, prepared: Prepared) -> Programs:
     model = ConvNet(config.channels, config.dense, prepared.num_classes, jnp.dtype(config.dtype),
                     choose_conv(config), config.initialiser, config.remat_gelu)
     optimiser = make_optimiser(config.optimiser, config.schedule, config.warmup_steps,
-                               config.inner_steps * config.outer_steps)
+                               config.inner_steps * config.outer_steps, config.lamb_exclude_biases, config.ema)
     per_device_batch = batch_share(config.batch_size, prepared)
-    # A whole-set chunk holds whole images (all 8 forms): the noise estimate is then image-level.
+    # A whole-set chunk holds whole images (all 8 forms): the noise estimate is then image-level. A penalty's
+    # blocks lie within the chunks.
+    group = 1 if per_device_batch else prepared.stride
+    group = math.lcm(group, config.penalty_block) if config.gradient_penalty else group
     microbatch = choose_microbatch(config, per_device_batch or prepared.train_data[0].shape[1], image_shape[0],
-                                   group=1 if per_device_batch else prepared.stride)
+                                   group=group)
     whole_set = float(prepared.train_count * prepared.stride)
     step_kwargs = dict(example_count=float(config.batch_size or whole_set), population=whole_set,
-                       microbatch=microbatch, per_device_batch=per_device_batch)
+                       microbatch=microbatch, per_device_batch=per_device_batch,
+                       label_smoothing=config.label_smoothing, penalty=config.gradient_penalty,
+                       penalty_block=config.penalty_block)
     if inner_mode == "compiled":
-        loop = jax.pmap(functools.partial(inner_loop, steps=config.inner_steps, **step_kwargs),
+        loop = jax.pmap(functools.partial(steps.inner_loop, steps=config.inner_steps, **step_kwargs),
                         axis_name=AXIS, donate_argnums=0)
 
         def inner(state, *batch, seed, stop, on_step=None):  # one program: a stop request waits for its end
             return loop(state, *batch, np.full(jax.local_device_count(), seed, np.int32))
     else:
-        step = jax.pmap(functools.partial(step_agreeing_to_stop, **step_kwargs), axis_name=AXIS, donate_argnums=0)
-        inner = functools.partial(python_inner_loop, step, config.inner_steps)
-    evaluate = jax.pmap(functools.partial(evaluation, apply_fn=model.apply, chunk=microbatch),
+        step = jax.pmap(functools.partial(steps.step_agreeing_to_stop, **step_kwargs), axis_name=AXIS,
+                        donate_argnums=0)
+        inner = functools.partial(steps.python_inner_loop, step, config.inner_steps)
+    evaluate = jax.pmap(functools.partial(steps.evaluation, apply_fn=model.apply, chunk=microbatch),
                         axis_name=AXIS, static_broadcasted_argnums=(4, 5))
     return Programs(model, optimiser, inner, evaluate, inner_mode, microbatch, image_shape)
 
@@ -251,32 +120,6 @@ def check_batch_splits(batch_size: int | None, flag: str = "--batch-size") -> No
     if batch_size and batch_size % devices:
         raise UsageError(f"{flag} {batch_size} does not split over the {devices} devices: use a batch size "
                          f"that is a multiple of {devices}, or a number of devices that divides {batch_size}")
-
-
-def python_inner_loop(step, steps, state, *batch, seed, stop: StopSignals, on_step=None):
-    """The inner steps as a host loop of pmapped steps, or None when a stop signal came before they were
-    all done (every process then stops after the same step). on_step() follows each finished step."""
-    loss, statistics, agreed = None, None, None
-    noise_sums = np.zeros((jax.local_device_count(), 2), np.float32)
-    for number in range(steps):
-        if jax.process_count() == 1 and stop.received:  # alone, no need to wait for an agreement
-            stop.agreed, stop.steps_done = stop.received, number
-            return None
-        seeds = np.full(jax.local_device_count(), seed, np.int32)
-        state, next_loss, next_statistics, next_agreed = step(state, *batch, seeds, noise_sums, stop.flags())
-        noise_sums = next_statistics["noise_sums"]
-        if agreed is not None:
-            if int(agreed[0]):  # waits for the step before: one step queued at most
-                next_loss.block_until_ready()  # every process launched this step; let it end everywhere
-                stop.agreed, stop.steps_done = int(agreed[0]), number + 1
-                return None
-            if on_step:
-                on_step()
-        loss, statistics, agreed = next_loss, next_statistics, next_agreed
-    loss.block_until_ready()
-    if on_step:
-        on_step()
-    return state, loss, statistics
 
 
 # ----------------------------------------------------------------------------- a run
@@ -415,12 +258,12 @@ def outer_loops(config, prepared: Prepared, programs: Programs, checkpoints, res
                 raise Interrupted.during_run(stop.agreed, outer, progress["outer"], config.output_dir,
                                              stop.steps_done, config.inner_steps)
             state, loss, statistics = done
-            record = evaluate(config, prepared, programs, state, float(loss[0]), tick, progress, metrics)
+            record, evaluated = evaluate(config, prepared, programs, state, float(loss[0]), tick, progress, metrics)
             display.outer_done(record["inner_seconds"], outer - first_outer + 1)
             record.update(optimiser_record(config, outer, statistics), elapsed_seconds=time.perf_counter() - started,
                           **noise_scale.record_fields(statistics["noise_sums"][0], config.inner_steps,
                                                       prepared.stride, prepared.train_count))
-            best_params = keep_best(config, record, state, best_params, progress)
+            best_params = keep_best(config, record, evaluated, best_params, progress)
             log(outer_line(config.outer_steps, record, progress["best"], first=outer == first_outer))
             metrics.write(record)  # before the checkpoint: a resume may redo a line, never lose one
             progress["history"].append({k: record[k] for k in ("outer", "step", "validation_accuracy",
@@ -440,32 +283,48 @@ def outer_loops(config, prepared: Prepared, programs: Programs, checkpoints, res
 
 
 def evaluate(config, prepared: Prepared, programs: Programs, state, loss: float, tick: float, progress: dict,
-             metrics: MetricsLog) -> dict:
-    """The outer loop's record: loss, train and validation accuracy, speed; Diverged if the loss or the
-    logits are no longer finite (recorded as such, and never kept as the best)."""
+             metrics: MetricsLog) -> tuple[dict, object]:
+    """The outer loop's record (loss, train and validation accuracy, speed) and the params it is of; Diverged
+    if the loss or the logits are no longer finite (recorded as such, and never kept as the best). With
+    --ema both the params and their moving average are evaluated, and the better on validation is the outer
+    loop's (both accuracies are in the record)."""
     inner_seconds = time.perf_counter() - tick  # the loss above waited for the inner loop
     outer = progress["outer"] + 1
-    val_each, val_counts = programs.evaluate(state.params, *prepared.val_data, 1, None)
-    val_correct, val_broken, _ = map(int, val_counts[0])
-    per_device = -(-config.train_eval_examples // jax.device_count()) if config.train_eval_examples else None
-    train_counts = programs.evaluate(state.params, *prepared.train_data, prepared.stride, per_device)[1][0]
-    train_correct, train_broken, train_evaluated = map(int, train_counts)
-    if not math.isfinite(loss) or val_broken or train_broken:
+    candidates = {"raw": state.params, "ema": averaged_params(state)}
+    scores = {name: accuracies(config, prepared, programs, params) for name, params in candidates.items()
+              if params is not None}
+    if not math.isfinite(loss) or any(score["broken"] for score in scores.values()):
         metrics.write({"outer": outer, "diverged": True, "loss": str(loss)})
         best = progress["best"]
         raise Diverged(f"{'loss is ' + str(loss) if not math.isfinite(loss) else 'logits are not finite'} after "
                        f"outer loop {outer} (step {outer * config.inner_steps}); last finite loss {progress['loss']}; "
                        + (f"best validation accuracy {best['validation_accuracy']:.4f} at outer {best['outer']} "
                           "(kept)" if best["outer"] else "no validation before it"))
-    step_examples = config.batch_size or prepared.train_count * prepared.stride
-    return {"outer": outer, "step": outer * config.inner_steps, "examples_seen": outer * config.inner_steps
-            * step_examples, "loss": loss,
-            "train_accuracy": train_correct / train_evaluated,
-            "validation_accuracy": val_correct / prepared.val_count, "inner_seconds": inner_seconds,
-            "images_per_second": step_examples * config.inner_steps / inner_seconds,
-            "train_seconds": progress["train_seconds"] + inner_seconds,
-            # Which validation images (in the split's order, the header's validation_ids) were right.
-            "validation_correct": pack_bits(in_split_order(val_each, prepared.val_local_count))}
+    chosen = max(scores, key=lambda name: (scores[name]["validation_correct"], name == "raw"))  # a tie: raw
+    score, step_examples = scores[chosen], config.batch_size or prepared.train_count * prepared.stride
+    record = {"outer": outer, "step": outer * config.inner_steps, "examples_seen": outer * config.inner_steps
+              * step_examples, "loss": loss, "train_accuracy": score["train_correct"] / score["train_evaluated"],
+              "validation_accuracy": score["validation_correct"] / prepared.val_count, "inner_seconds": inner_seconds,
+              "images_per_second": step_examples * config.inner_steps / inner_seconds,
+              "train_seconds": progress["train_seconds"] + inner_seconds,
+              # Which validation images (in the split's order, the header's validation_ids) were right.
+              "validation_correct": pack_bits(in_split_order(score["each"], prepared.val_local_count))}
+    if config.ema:
+        record.update(params=chosen, **{f"{name}_validation_accuracy": scores[name]["validation_correct"]
+                                        / prepared.val_count for name in scores})
+    return record, candidates[chosen]
+
+
+def accuracies(config, prepared: Prepared, programs: Programs, params) -> dict:
+    """Which validation images `params` classify right, and the counts on validation and on (the first
+    --train-eval-examples of) the un-augmented training images, with the non-finite logits of each."""
+    val_each, val_counts = programs.evaluate(params, *prepared.val_data, 1, None)
+    val_correct, val_broken, _ = map(int, val_counts[0])
+    per_device = -(-config.train_eval_examples // jax.device_count()) if config.train_eval_examples else None
+    train_counts = programs.evaluate(params, *prepared.train_data, prepared.stride, per_device)[1][0]
+    train_correct, train_broken, train_evaluated = map(int, train_counts)
+    return {"each": val_each, "validation_correct": val_correct, "train_correct": train_correct,
+            "train_evaluated": train_evaluated, "broken": val_broken + train_broken}
 
 
 def optimiser_record(config, outer: int, statistics: dict) -> dict:
@@ -479,12 +338,13 @@ def optimiser_record(config, outer: int, statistics: dict) -> dict:
             "update_ratios": {k: v if math.isfinite(v) else None for k, v in ratios.items()}}
 
 
-def keep_best(config, record: dict, state, best_params, progress: dict):
-    """The best params so far (a copy, with best_params.msgpack), updated when validation accuracy improves."""
+def keep_best(config, record: dict, params, best_params, progress: dict):
+    """The best params so far (a copy, with best_params.msgpack), updated when validation accuracy improves;
+    with --ema, the best says which params they are (raw or their average)."""
     if record["validation_accuracy"] > progress["best"]["validation_accuracy"]:
         progress["best"] = {"validation_accuracy": record["validation_accuracy"], "outer": record["outer"],
-                            "step": record["step"]}
-        best_params = jax.tree.map(jnp.copy, state.params)  # the state's own buffers are donated
+                            "step": record["step"], **({"params": record["params"]} if "params" in record else {})}
+        best_params = jax.tree.map(jnp.copy, params)  # the state's own buffers are donated
         if jax.process_index() == 0 and config.output_dir:
             checkpoint.write_params(os.path.join(config.output_dir, "best_params.msgpack"),
                                     jax.device_get(flax.jax_utils.unreplicate(best_params)))
@@ -504,7 +364,8 @@ def summarise(config, prepared: Prepared | None, programs: Programs | None, best
     if config.eval_test:
         test_data, test_count = prepared.test
         summary["test_accuracy"] = int(programs.evaluate(best_params, *test_data, 1, None)[1][0][0]) / test_count
-        log(f"test accuracy of the best params (outer {best['outer']}): {summary['test_accuracy']:.4f}")
+        which = ", their moving average" if best.get("params") == "ema" else ""
+        log(f"test accuracy of the best params (outer {best['outer']}{which}): {summary['test_accuracy']:.4f}")
     return summary
 
 

@@ -6,19 +6,20 @@ import numpy as np
 import pytest
 
 import parallel
+import steps
 import train
 from helpers import SMALL, read_metrics, run_train
 
 
-def draws(steps, per_device_batch, seed, real_per_device):
-    """Which slot each device drew at each step: (steps, devices, per_device_batch)."""
+def draws(count, per_device_batch, seed, real_per_device):
+    """Which slot each device drew at each of `count` steps: (count, devices, per_device_batch)."""
     devices, slots = jax.local_device_count(), 16
     ids = np.tile(np.arange(slots, dtype=np.int32), (devices, 1))  # (devices, slots): each slot's own number
     mask = (np.arange(slots)[None, :] < np.asarray(real_per_device)[:, None]).astype(np.float32)  # padding last
     images = ids.reshape(devices, slots, 1, 1, 1).astype(np.uint8)
-    draw = jax.pmap(functools.partial(train.draw, per_device_batch=per_device_batch), axis_name=parallel.AXIS)
+    draw = jax.pmap(functools.partial(steps.draw, per_device_batch=per_device_batch), axis_name=parallel.AXIS)
     drawn = []
-    for step in range(steps):
+    for step in range(count):
         x, _, m = draw(*parallel.on_devices(images, ids, mask), np.full(devices, step, np.int32),
                        np.full(devices, seed, np.int32))
         assert np.asarray(m).all()  # padding is never drawn
@@ -28,14 +29,14 @@ def draws(steps, per_device_batch, seed, real_per_device):
 
 def test_every_real_example_is_drawn_once_per_epoch_in_an_order_fixed_by_seed_epoch_and_device():
     real = [16] * 7 + [10]  # the last device holds 6 padding slots
-    drawn = draws(steps=20, per_device_batch=4, seed=3, real_per_device=real)  # 80 draws per device
+    drawn = draws(count=20, per_device_batch=4, seed=3, real_per_device=real)  # 80 draws per device
     for device, count in enumerate(real):
         sequence = drawn[:, device].reshape(-1)  # this device's draws, in order
         for epoch in range(len(sequence) // count):
             assert sorted(sequence[epoch * count:(epoch + 1) * count]) == list(range(count)), (device, epoch)
     assert (drawn[:, 0] != drawn[:, 1]).any()  # each device its own order
-    np.testing.assert_array_equal(drawn, draws(steps=20, per_device_batch=4, seed=3, real_per_device=real))
-    assert (drawn != draws(steps=20, per_device_batch=4, seed=4, real_per_device=real)).any()
+    np.testing.assert_array_equal(drawn, draws(count=20, per_device_batch=4, seed=3, real_per_device=real))
+    assert (drawn != draws(count=20, per_device_batch=4, seed=4, real_per_device=real)).any()
     epochs = drawn[:, 0].reshape(-1)
     assert list(epochs[:16]) != list(epochs[16:32])  # a new order each epoch
 

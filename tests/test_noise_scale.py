@@ -13,7 +13,7 @@ import device_data
 import noise_scale
 import optimisers
 import parallel
-import train
+import steps
 from model import ConvNet
 
 
@@ -43,7 +43,7 @@ def step_estimates(model, params, batch, *, example_count, population, microbatc
                    seed=0):
     """The (tr(Sigma), |G|^2) the step computes, and its mean gradient, for params replicated on 8 devices."""
     state = optimisers.create_state(model, optax.sgd(1.0), 0, (8, 8, 3)).replace(params=params, step=step)
-    fn = jax.pmap(functools.partial(train.loss_and_gradient, example_count=float(example_count),
+    fn = jax.pmap(functools.partial(steps.loss_and_gradient, example_count=float(example_count),
                                     population=float(population), microbatch=microbatch,
                                     per_device_batch=per_device_batch, seed=seed), axis_name=parallel.AXIS)
     _, grads, noise = fn(flax.jax_utils.replicate(state), *batch)
@@ -99,7 +99,7 @@ def test_identical_examples_have_no_gradient_noise():
 def drawn(batch, step, seed, per_device_batch):
     """Which slots each device drew at `step`: (8, per_device_batch), as the step's own draw makes them."""
     ids = np.tile(np.arange(batch[1].shape[1], dtype=np.int32), (8, 1))
-    draw = jax.pmap(functools.partial(train.draw, per_device_batch=per_device_batch), axis_name=parallel.AXIS)
+    draw = jax.pmap(functools.partial(steps.draw, per_device_batch=per_device_batch), axis_name=parallel.AXIS)
     return np.asarray(draw(batch[0], *parallel.on_devices(ids), batch[2], np.full(8, step, np.int32),
                            np.full(8, seed, np.int32))[1])
 
@@ -133,7 +133,7 @@ def test_over_many_drawn_batches_in_unequal_chunks_the_estimates_average_to_the_
     steps = 2000
 
     def every_step(state, images, labels, mask):  # the steps' estimates as one program
-        estimate = functools.partial(train.loss_and_gradient, images=images, labels=labels, mask=mask,
+        estimate = functools.partial(steps.loss_and_gradient, images=images, labels=labels, mask=mask,
                                      example_count=32.0, population=64.0, microbatch=3, per_device_batch=32, seed=0)
         return jax.lax.map(lambda step: estimate(state.replace(step=step))[2], np.arange(steps))
     one_device = jax.pmap(every_step, axis_name=parallel.AXIS, devices=jax.devices()[:1])

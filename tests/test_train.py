@@ -19,6 +19,7 @@ import data
 import device_data
 import optimisers
 import parallel
+import steps
 import train
 from conftest import ROOT
 from helpers import SMALL, device_env, latest_checkpoint, make_images, read_metrics, run_train
@@ -49,14 +50,14 @@ def test_padded_sharded_step_equals_the_unpadded_single_device_computation(micro
     state = flax.jax_utils.replicate(optimisers.create_state(model, optax.sgd(1.0), 0, (8, 8, 3)))
     state = state.replace(params=flax.jax_utils.replicate(params))
     batch = parallel.on_devices(*data.pad_and_shard(split, 8, 2))  # (8, 2, ...)
-    step = jax.pmap(functools.partial(train.train_step, example_count=13.0, population=13.0, microbatch=microbatch),
+    step = jax.pmap(functools.partial(steps.train_step, example_count=13.0, population=13.0, microbatch=microbatch),
                     axis_name=parallel.AXIS)
     new_state, step_loss = step(state, *batch)
     np.testing.assert_allclose(np.asarray(step_loss), float(loss), rtol=1e-5)  # same on every device
     # Plain SGD with rate 1: new = old - grad, so the applied gradient is old - new.
     applied = jax.tree.map(lambda old, new: old - new[0], params, new_state.params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), applied, grads)
-    evaluate = jax.pmap(functools.partial(train.evaluation, apply_fn=model.apply, chunk=microbatch),
+    evaluate = jax.pmap(functools.partial(steps.evaluation, apply_fn=model.apply, chunk=microbatch),
                         axis_name=parallel.AXIS, static_broadcasted_argnums=(4, 5))
     each, counts = evaluate(state.params, *batch, 1, None)
     assert counts[0].tolist() == [correct, 0, 13]
@@ -136,7 +137,7 @@ def test_summing_over_chunks_equals_summing_at_once(chunk):
 
     def sums(v, w):
         return {"weighted": jnp.sum(v * w[:, None], 0), "count": jnp.sum(w > 3)}
-    got = train.summed_over_chunks(sums, (values, weights), chunk)
+    got = steps.summed_over_chunks(sums, (values, weights), chunk)
     np.testing.assert_allclose(got["weighted"], np.sum(np.asarray(values) * np.arange(9.0)[:, None], 0))
     assert int(got["count"]) == 5
 

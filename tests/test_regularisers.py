@@ -1,0 +1,178 @@
+"""What restores generalisation to a whole-set batch: a moving average of the weights, label smoothing, LAMB as
+its authors ran it, a gradient-norm penalty; each against a computation written here independently."""
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import config
+import data
+import optimisers
+import parallel
+import steps
+import train
+from helpers import SMALL, read_metrics
+from model import ConvNet
+
+
+def problem(n, seed=0):
+    rng = np.random.default_rng(seed)
+    split = data.Split(rng.integers(0, 256, (n, 8, 8, 3)).astype(np.uint8), rng.integers(0, 10, n).astype(np.int32))
+    model = ConvNet(channels=(4, 8), dense=8)
+    return split, model, model.init(jax.random.PRNGKey(seed), split.images[:1])["params"]
+
+
+def test_the_moving_average_of_the_parameters_follows_each_update():
+    """SGD (rate 0.1) on fixed gradients for 3 steps: the average is d a + (1 - d) p after each, from the start."""
+    params = {"w": np.array([1.0, -2.0], np.float32), "b": np.zeros(2, np.float32)}
+    grads = {"w": np.array([0.5, 1.0], np.float32), "b": np.array([1.0, -1.0], np.float32)}
+    c = config.Config(optimiser="sgd", learning_rate=0.1, momentum=0.0, ema=0.9)
+    tx = optimisers.make_optimiser("sgd", ema=0.9)
+    state = optimisers.with_hyperparams(flax.training.train_state.TrainState.create(
+        apply_fn=None, params=params, tx=tx), c)
+    average = {k: v.astype(np.float64) for k, v in params.items()}
+    current = dict(average)
+    for _ in range(3):
+        state = state.apply_gradients(grads=grads)
+        current = {k: current[k] - 0.1 * grads[k] for k in current}
+        average = {k: 0.9 * average[k] + 0.1 * current[k] for k in average}
+    jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-6), optimisers.averaged_params(state),
+                 average)
+    jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-6), state.params, current)
+    assert optimisers.averaged_params(optimisers.create_state(ConvNet(channels=(4,), dense=4),
+                                                              optimisers.make_optimiser("lamb"), 0, (8, 8, 3))) is None
+
+
+def test_an_averaged_run_records_both_and_keeps_the_better_and_resumes_bit_exactly(tmp_path):
+    run = [*SMALL, "--synthetic-examples", "300", "--inner-steps", "3", "--optimiser", "adam", "--learning-rate",
+           "0.03", "--ema", "0.8"]
+    train.main([*run, "--outer-steps", "4", "--output-dir", str(tmp_path / "whole"), "--eval-test"])
+    train.main([*run, "--outer-steps", "2", "--output-dir", str(tmp_path / "parts")])
+    train.main([*run, "--outer-steps", "4", "--output-dir", str(tmp_path / "parts"), "--eval-test"])
+    header, whole, summary = read_metrics(tmp_path / "whole")
+    parts, summary_parts = read_metrics(tmp_path / "parts")[1:]
+    assert parts == [dict(r, inner_seconds=p["inner_seconds"], images_per_second=p["images_per_second"],
+                          train_seconds=p["train_seconds"], elapsed_seconds=p["elapsed_seconds"])
+                     for r, p in zip(whole, parts)]  # every measured value equal, but the times
+    for r in whole:
+        chosen = max(("raw", "ema"), key=lambda name: (r[f"{name}_validation_accuracy"], name == "raw"))
+        assert r["params"] == chosen and r["validation_accuracy"] == r[f"{chosen}_validation_accuracy"]
+    assert {r["params"] for r in whole} == {"raw", "ema"} or len(whole) < 4  # both chosen somewhere, as a rule
+    best = max(whole, key=lambda r: r["validation_accuracy"])
+    assert summary["best"]["params"] == best["params"] and summary_parts["test_accuracy"] == summary["test_accuracy"]
+    # The best params file holds the chosen params of the best outer loop: its validation accuracy recounted.
+    model = ConvNet(channels=(8, 16), dense=16)
+    template = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3), jnp.uint8))["params"]
+    params = flax.serialization.from_bytes(template, (tmp_path / "whole" / "best_params.msgpack").read_bytes())
+    validation = data.load_synthetic("validation", 300, 16, 0, 1)
+    predictions = np.argmax(np.asarray(model.apply({"params": params}, validation.images)), -1)
+    assert (predictions == validation.labels).mean() == best["validation_accuracy"]
+
+
+def test_label_smoothing_is_the_cross_entropy_against_smoothed_labels():
+    split, model, params = problem(6)
+    params = {**params, "Dense_1": {"kernel": params["Dense_1"]["kernel"] * 300, "bias": params["Dense_1"]["bias"]}}
+    logits = np.asarray(model.apply({"params": params}, split.images), np.float64)  # confident: smoothing matters
+    log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    targets = np.full((6, 10), 0.1 / 10) + 0.9 * np.eye(10)[split.labels]
+    mask = np.array([1, 1, 1, 1, 1, 0], np.float32)  # the last is padding
+    want = -(targets * log_softmax).sum(-1)[:5].sum()
+    got = steps.loss_sum(params, model.apply, split.images, split.labels, mask, label_smoothing=0.1)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    plain = steps.loss_sum(params, model.apply, split.images, split.labels, mask)
+    assert abs(float(plain) - want) > 1e-3 * want  # 1e2 times the tolerance above: the check could fail
+
+
+def hand_lamb(params, grads_list, rate, decay, eps=1e-6, b1=0.9, b2=0.999, exclude_biases=False):
+    """LAMB written out in NumPy: Adam's bias-corrected moments, decoupled weight decay, a per-array trust
+    ratio |p| / |u| (1 where either is 0); with exclude_biases, biases take neither decay nor trust ratio."""
+    params = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in params.items()}
+    v = {k: np.zeros_like(v) for k, v in params.items()}
+    for t, grads in enumerate(grads_list, 1):
+        for k in params:
+            g = np.asarray(grads[k], np.float64)
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = b2 * v[k] + (1 - b2) * g * g
+            update = (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
+            plain = exclude_biases and k.endswith("bias")
+            if not plain:
+                update = update + decay * params[k]
+                p_norm, u_norm = np.linalg.norm(params[k]), np.linalg.norm(update)
+                update = update * (p_norm / u_norm if p_norm > 0 and u_norm > 0 else 1.0)
+            params[k] = params[k] - rate * update
+    return params
+
+
+@pytest.mark.parametrize("exclude_biases", [True, False])
+def test_lamb_with_and_without_biases_excluded_against_a_hand_written_lamb(exclude_biases):
+    split, model, params = problem(8)
+    flat = {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(params).items()}
+    rng = np.random.default_rng(1)
+    grads_list = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in flat.items()} for _ in range(3)]
+    c = config.Config(optimiser="lamb", learning_rate=0.01, weight_decay=0.1, epsilon=1e-6,
+                      lamb_exclude_biases=exclude_biases)
+    tx = optimisers.make_optimiser("lamb", lamb_exclude_biases=exclude_biases)
+    state = optimisers.with_hyperparams(flax.training.train_state.TrainState.create(
+        apply_fn=None, params=params, tx=tx), c)
+    for grads in grads_list:
+        state = state.apply_gradients(grads=flax.traverse_util.unflatten_dict(
+            {tuple(k.split("/")): v for k, v in grads.items()}))
+    want = hand_lamb(flat, grads_list, 0.01, 0.1, exclude_biases=exclude_biases)
+    got = {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(state.params).items()}
+    for key in flat:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    # Biases start at zero: with the trust ratio they barely move (|p| = 0 gives a ratio of 1 at first, then a
+    # tiny |p|); without it they move by the rate each step.
+    moved = np.abs(got["Conv_0/bias"]).max()
+    assert (moved > 0.02) == exclude_biases
+
+
+def penalised_objective(params, model, images, labels, penalty, block):
+    """Mean loss + penalty / 2 x mean over blocks of |grad of the block's mean loss|^2, plainly."""
+    def mean_loss(p, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
+    count = len(labels) // block
+    squares = [sum(jnp.sum(g ** 2) for g in jax.tree.leaves(jax.grad(mean_loss)(
+        params, images[k * block:(k + 1) * block], labels[k * block:(k + 1) * block]))) for k in range(count)]
+    return mean_loss(params, images, labels) + penalty / 2 * sum(squares) / count
+
+
+def test_the_gradient_penalty_s_gradient_against_finite_differences_and_on_one_and_eight_devices():
+    """16 examples, blocks of 2 (one per device on 8 devices, chunks of 2): the step's gradient is the
+    penalised objective's, checked along random directions by central differences of that objective written
+    out here; and the same on one device (blocks and chunks the same partition)."""
+    split, model, params = problem(16, seed=3)
+    penalty, block = 2.0, 2
+    state = optimisers.create_state(model, optax.sgd(1.0), 0, (8, 8, 3)).replace(params=params)
+    kwargs = dict(example_count=16.0, population=16.0, microbatch=2, penalty=penalty, penalty_block=block)
+    eight = jax.pmap(functools.partial(steps.loss_and_gradient, **kwargs), axis_name=parallel.AXIS)
+    loss, grads, _ = eight(flax.jax_utils.replicate(state), *parallel.on_devices(*data.pad_and_shard(split, 8, 2)))
+    grads = jax.tree.map(lambda g: np.asarray(g[0], np.float64), grads)
+    one_device = jax.devices()[:1]
+    one = jax.pmap(functools.partial(steps.loss_and_gradient, **kwargs), axis_name=parallel.AXIS, devices=one_device)
+    batch = (split.images[None], split.labels[None], np.ones((1, 16), np.float32))
+    loss_one, grads_one, _ = one(flax.jax_utils.replicate(state, one_device), *batch)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, np.asarray(b[0]), rtol=1e-4, atol=1e-7), grads, grads_one)
+    plain = optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": params}, split.images),
+                                                            split.labels).mean()
+    np.testing.assert_allclose(float(loss[0]), float(plain), rtol=1e-5)  # the loss reported is the plain one
+    plain_grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p}, split.images), split.labels).mean())(params)
+    difference = np.sqrt(sum(np.sum((a - np.asarray(b)) ** 2) for a, b in zip(jax.tree.leaves(grads),
+                                                                              jax.tree.leaves(plain_grads))))
+    assert difference > 0.1 * np.sqrt(sum(np.sum(np.asarray(g) ** 2) for g in jax.tree.leaves(plain_grads)))
+    objective = functools.partial(penalised_objective, model=model, images=split.images, labels=split.labels,
+                                  penalty=penalty, block=block)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        direction = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+        size = 1e-2
+        shifted = [jax.tree.map(lambda p, d: p + sign * size * d, params, direction) for sign in (1, -1)]
+        numeric = (float(objective(shifted[0])) - float(objective(shifted[1]))) / (2 * size)
+        analytic = sum(np.sum(g * d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+        np.testing.assert_allclose(analytic, numeric, rtol=2e-2)
