@@ -41,6 +41,7 @@ class MetricsLog:
             f.write("\n".join(lines) + "\n")
         os.replace(path + ".tmp", path)
         self.file = open(path, "a")
+        self.events = Events(os.path.dirname(path), header, resumed_after)
         for line in lines if self.mirror else []:  # all of it: a pack's run stands alone, header first
             self.mirror(json.loads(line))
 
@@ -51,6 +52,7 @@ class MetricsLog:
             if self.mirror:
                 self.mirror(record)
             if "validation_accuracy" in record:
+                self.events.record(record)
                 self.records.append(record)
                 if time.monotonic() - self.curves_at >= CURVES_EVERY_SECONDS:
                     self.draw_curves()
@@ -67,12 +69,81 @@ class MetricsLog:
     def __exit__(self, exception_type, *_):
         if self.file:
             self.file.close()
+            self.events.close()
             try:
                 self.draw_curves()
             except Exception as error:  # a picture must not hide why the run ended (a stop, a divergence)
                 if exception_type is None:
                     raise
                 print(f"curves.png not drawn: {type(error).__name__}: {error}", file=sys.stderr)
+
+
+# Where each scalar of a record goes in TensorBoard (a section per prefix); a scalar not named here (one a later
+# change adds) goes under other/, so every scalar of a record is there.
+TAGS = {"loss": "loss/train", "train_accuracy": "accuracy/train", "validation_accuracy": "accuracy/validation",
+        "best_validation_accuracy": "accuracy/best_validation", "raw_validation_accuracy": "accuracy/validation_raw",
+        "ema_validation_accuracy": "accuracy/validation_ema", "learning_rate": "optimiser/learning_rate",
+        "gradient_norm": "optimiser/gradient_norm", "update_norm": "optimiser/update_norm",
+        "parameter_norm": "optimiser/parameter_norm", "b_simple": "noise/b_simple_images",
+        "set_over_b_simple": "noise/set_over_b_simple", "noise_trace": "noise/trace_sigma",
+        "gradient_square": "noise/gradient_square", "images_per_second": "speed/images_per_second",
+        "inner_seconds": "speed/inner_seconds", "train_seconds": "speed/train_seconds",
+        "elapsed_seconds": "speed/elapsed_seconds", "examples_seen": "speed/examples_seen"}
+NOT_SCALARS = ("outer", "step")  # the x axis
+# Charts that overlay several series: every array's update ratio in one, train and validation accuracy in one.
+LAYOUT = {"overlaid": {"update / parameter norm, every array": ["Multiline", [r"update_ratio/.*"]],
+                       "accuracy": ["Multiline", [r"accuracy/(train|validation)$"]]}}
+
+
+class Events:
+    """A run's TensorBoard event files (tensorboardX: no TensorFlow in the training process), in its own folder,
+    so one `tensorboard --logdir` over a sweep's folder compares its runs. A resumed run starts a new file
+    that purges the steps after its checkpoint (TensorBoard's reader hides them), so every step is there
+    once. Absent tensorboardX (a bare accelerator machine), nothing is written."""
+
+    def __init__(self, folder: str, header: dict, resumed_after: int | None):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:  # pragma: no cover
+            self.writer = None
+            return
+        inner = header["config"]["inner_steps"]
+        self.writer = SummaryWriter(folder, purge_step=None if resumed_after is None else resumed_after * inner + 1,
+                                    flush_secs=30)
+        if resumed_after is None:
+            self.writer.add_custom_scalars(LAYOUT)
+            self.writer.add_text("run", run_text(header), 0)
+
+    def record(self, record: dict) -> None:
+        if self.writer is None or "step" not in record:
+            return
+        for key, value in record.items():
+            if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(TAGS.get(key, f"other/{key}"), value, record["step"])
+        for array, ratio in (record.get("update_ratios") or {}).items():
+            if ratio is not None:
+                self.writer.add_scalar(f"update_ratio/{array}", ratio, record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def run_text(header: dict) -> str:
+    """The run's definition as a Markdown table for TensorBoard's text tab: its config, where it ran."""
+    rows = [f"| {key} | {value} |" for key, value in sorted(header["config"].items())]
+    rows += [f"| {key} | {header[key]} |" for key in ("devices", "processes", "backend", "device_kind", "jax",
+                                                     "git_commit", "examples_per_step") if key in header]
+    return "\n".join(["| setting | value |", "|---|---|", *rows])
+
+
+def write_events(folder: str, lines: list[dict]) -> None:
+    """Event files for a run already measured (its metrics.jsonl's lines): what report.py --events writes."""
+    events = Events(folder, lines[0], None)
+    for line in lines[1:]:
+        events.record(line)
+    events.close()
 
 
 class Pack:

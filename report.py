@@ -17,6 +17,7 @@ import statistics
 
 from config import DEFAULT_EPSILONS, OPTAX_EPSILONS, defaults_before, parser
 from errors import DataError, UsageError, exit_on_failure
+import metrics
 from metrics import read_pack, unpack_bits
 
 # The folders under --results each block of RESULTS.md is made from.
@@ -569,11 +570,31 @@ def build_parser():
     p = parser("report.py", __doc__)
     p.add_argument("--results", default="results", help="folder holding the runs' metrics files")
     p.add_argument("--out", default="RESULTS.md", help="the file to fill (made with a skeleton if missing)")
+    p.add_argument("--events", default=None, metavar="DIR",
+                   help="instead, write TensorBoard event files of every run under --results into DIR/<folder>/<run> "
+                        "(then: tensorboard --logdir DIR); nothing is retrained")
     return p
+
+
+def write_events(root: str, out: str) -> None:
+    """Every measured run under `root` as TensorBoard event files, a folder per run as its results folder has it."""
+    if not os.path.isdir(root):
+        raise UsageError(f"--results {root} is not a folder")
+    written = 0
+    for folder in sorted(f for f in os.listdir(root) if os.path.isdir(os.path.join(root, f))):
+        for run in load_runs(os.path.join(root, folder)):
+            target = os.path.join(out, folder, run["name"])
+            if os.path.exists(target):
+                raise UsageError(f"--events {out}: {target} exists; give an empty folder (event files add up)")
+            metrics.write_events(target, [run["header"], *run["records"]])
+            written += 1
+    print(f"wrote the event files of {written} runs under {out}: tensorboard --logdir {out}")
 
 
 def write_report(argv=None):
     args = build_parser().parse_args(argv)
+    if args.events:
+        return write_events(args.results, args.events)
     made = blocks(args.results)
     text = open(args.out).read() if os.path.exists(args.out) else skeleton(made)
     filled = fill(text, made)  # before opening: a refused file stays as it was

@@ -61,7 +61,8 @@ def test_a_config_is_frozen_and_resolves_the_optimisers_default_rate():
 # A different value for every field of the config (a new field must be added here).
 CHANGED = {"optimiser": "adam", "learning_rate": 0.5, "weight_decay": 0.1, "momentum": 0.5, "epsilon": 1e-3,
            "schedule": "warmup_linear", "warmup_steps": 2, "ema": 0.9, "label_smoothing": 0.1,
-           "lamb_exclude_biases": True, "gradient_penalty": 0.5, "penalty_block": 8, "inner_steps": 7, "outer_steps": 9, "batch_size": 64,
+           "lamb_exclude_biases": True, "gradient_penalty": 0.5, "penalty_block": 8, "inner_steps": 7,
+           "outer_steps": 9, "batch_size": 64,
            "inner_loop": "compiled", "seed": 1, "dataset": "tfds", "data_dir": "elsewhere", "manual_dir": "zips",
            "synthetic_examples": 99, "image_size": 32, "train_examples": 10, "no_augment": True, "channels": (4,),
            "dense": 3, "initialiser": "haiku", "dtype": "bfloat16", "conv": "xla", "remat_gelu": True, "microbatch": 5,
