@@ -17,7 +17,9 @@ import statistics
 
 from config import DEFAULT_EPSILONS, OPTAX_EPSILONS, defaults_before, parser
 from errors import DataError, UsageError, exit_on_failure
+import critical_batch
 import metrics
+import noise_scale
 from metrics import read_pack, unpack_bits
 
 # The folders under --results each block of RESULTS.md is made from.
@@ -25,6 +27,7 @@ SWEEP, TUNING, LONGER, FINAL = "cpu-sweep-256x8", "cpu-tuning-256x8", "cpu-longe
 FULL_SCALE = "h100-lamb-bf16-fullscale"
 STUDY = "gpu-study"  # study.py's pack (and bench JSON) from a lent accelerator
 EPSILON, BATCH = "cpu-epsilon-256x8", "cpu-batch-256x8"
+CRITICAL = "cpu-batch-full"  # steps to a target against batch size on all 21,600 training images
 THRESHOLDS = (0.5, 0.9, 0.95)
 
 
@@ -449,6 +452,87 @@ def batch_block(runs: list[dict], folder: str) -> list[str]:
     return lines
 
 
+def reach_range(run: dict, accuracy: float) -> tuple[int, int] | None:
+    """(last step checked below `accuracy`, first step at or above it): where the run crossed it."""
+    before = 0
+    for r in run["records"]:
+        if r["validation_accuracy"] >= accuracy:
+            return before, r["step"]
+        before = r["step"]
+    return None
+
+
+def noise_at(runs: list[dict], accuracy: float, below: float = 0.05) -> float | None:
+    """B_simple in examples (images x 8) at an accuracy: each run's outer loops from the first with validation
+    accuracy within `below` of it to the first reaching it, pooled over the runs (sums of tr(Sigma) and
+    |G|^2, not a mean of ratios)."""
+    picked = []
+    for run in runs:
+        start = next((i for i, r in enumerate(run["records"]) if r["validation_accuracy"] >= accuracy - below), None)
+        end = next((i for i, r in enumerate(run["records"]) if r["validation_accuracy"] >= accuracy), None)
+        if start is not None and end is not None:
+            picked += run["records"][start:end + 1]
+    images = noise_scale.pooled(picked, 8)
+    return images * 8 if images else None
+
+
+def critical_batch_block(runs: list[dict], folder: str, whole_set_runs: list[dict]) -> list[str]:
+    """Steps and examples to the target against batch size on the full training set, each point its best
+    rate; the empirical model fitted per optimiser against the measured noise scale, its prediction for the
+    whole set, and the whole-set runs' own steps."""
+    target = min(r["config"]["target_accuracy"] for r in runs)
+    first, examples = runs[0], runs[0]["header"]["train_examples"] * 8
+    groups = {}
+    for run in runs:
+        c = run["config"]
+        groups.setdefault((c["optimiser"], c["batch_size"]), []).append(run)
+    rows, points, fitted, noise = [], {}, {}, {}
+    for (optimiser, batch), members in sorted(groups.items()):
+        steps = {m["config"]["learning_rate"]: first_step(m, target) for m in members}
+        reached = {rate: step for rate, step in steps.items() if step is not None}
+        best = min(reached, key=reached.get) if reached else None
+        at_target = noise_at([m for m in members if first_step(m, target) is not None], target)
+        rows.append([optimiser, f"{batch:,}", ", ".join(f"{r:g}" + ("" if steps[r] is not None else " (no)")
+                                                       for r in sorted(steps)),
+                     f"{best:g}" if best else "none reached", f"{reached[best]:,}" if best else "",
+                     f"{reached[best] * batch:,}" if best else "", f"{at_target:,.0f}" if at_target else ""])
+        if best:
+            points.setdefault(optimiser, []).append((batch, reached[best]))
+    for optimiser, measured in points.items():
+        if len(measured) >= 3:
+            fitted[optimiser] = critical_batch.fit([p[0] for p in measured], [p[1] for p in measured])
+        noise[optimiser] = noise_at([r for r in runs if r["config"]["optimiser"] == optimiser
+                                     and first_step(r, target) is not None], target)
+    crossings = [(run["config"]["learning_rate"], reach_range(run, target)) for run in whole_set_runs]
+    crossings = [(rate, crossing) for rate, crossing in crossings if crossing]
+    whole = min(crossings, key=lambda c: c[1][1]) if crossings else None
+    lines = [f"Scale: all {first['header']['train_examples']:,} training images x 8 = {examples:,} examples to draw "
+             f"from, the whole {first['header']['validation_examples']:,}-image validation split, a check every "
+             f"{first['config']['inner_steps']} steps; target {target}; seed 0; {device_text(first, folder)}. Steps "
+             "to the target are the first check at or above it; B_simple (in examples: images x 8, the unit of "
+             "--batch-size) is pooled over the outer loops from 0.05 below the target to reaching it.", "",
+             table(["optimiser", "batch size", "rates tried ((no): not reached)", "best rate", "steps to target",
+                    "examples to target", "B_simple there"], rows), ""]
+    fit_rows = []
+    for optimiser, model in sorted(fitted.items()):
+        b_simple = noise.get(optimiser)
+        fit_rows.append([optimiser, f"{model['s_min']:,.0f}", f"{model['b_crit']:,.0f} ({model['b_crit'] / 8:,.0f} "
+                         "images)", f"{model['e_min']:,.0f}", f"{model['rms_log_error']:.2f}",
+                         f"{b_simple:,.0f}" if b_simple else "", f"{critical_batch.steps_at(model, examples):,.0f}",
+                         f"{examples / model['b_crit']:,.0f}"])
+    lines.append(table(["optimiser", "S_min (steps)", "B_crit (examples)", "E_min (examples)", "rms error of log S",
+                        "measured B_simple", f"predicted steps at {examples:,}", "whole set / B_crit"], fit_rows))
+    if whole:
+        lines += ["", f"The whole-set LAMB runs on the H100 (`{FULL_SCALE}`, checked every 100 steps): the best rate, "
+                      f"{whole[0]:g}, first reached {target} at step {whole[1][1]} (after step {whole[1][0]}); the "
+                      "others: " + ", ".join(f"{rate:g} at step {crossing[1]}" for rate, crossing in sorted(crossings)
+                                              if rate != whole[0]) + "."]
+    critical_batch.draw(os.path.join(folder, "critical_batch.png"), points, fitted, noise, examples,
+                        ("lamb", *whole[1]) if whole else None)
+    return lines + ["", f"![steps and examples to the target against batch size, with the fit]({folder}/"
+                        "critical_batch.png)"]
+
+
 def findings_block(facts: dict, tuned: dict | None, longer: list[dict] | None, full_runs: list[dict]) -> list[str]:
     """The comparisons the reading of RESULTS.md rests on, computed; the reading itself is written by hand."""
     ranking, best_of = facts["ranking"], facts["best_of"]
@@ -528,6 +612,10 @@ def blocks(root: str) -> dict[str, tuple[str, list[str]]]:
     if batch_runs:
         made["batch"] = ("Steps to the target against batch size (reduced scale)",
                          batch_block(batch_runs, f"{root}/{BATCH}"))
+    critical_runs = load_runs(os.path.join(root, CRITICAL))
+    if critical_runs:
+        made["critical-batch"] = ("The critical batch on the full training set",
+                                  critical_batch_block(critical_runs, f"{root}/{CRITICAL}", full_runs))
     study_runs = load_runs(os.path.join(root, STUDY))  # RESULTS.md keeps its block before a GPU has run it
     made["study"] = ("6. The full-scale study", study_block(study_runs, f"{root}/{STUDY}") if study_runs else
                      Placeholder([f"No study pack under {root}/{STUDY} yet: the study runs on a lent GPU "

@@ -261,3 +261,57 @@ def test_a_run_the_report_cannot_read_is_refused_with_one_line_naming_the_file(t
         report.main(["--results", str(tmp_path / "nowhere")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == f"report.py: error: --results {tmp_path / 'nowhere'} is not a folder"
+
+
+def test_the_empirical_model_is_recovered_from_steps_that_follow_it():
+    import critical_batch
+    batches = [32, 64, 128, 256, 512]
+    model = critical_batch.fit(batches, [300 * (1 + 150 / b) for b in batches])
+    assert model["s_min"] == pytest.approx(300, rel=1e-3) and model["b_crit"] == pytest.approx(150, rel=1e-3)
+    assert model["e_min"] == pytest.approx(45000, rel=2e-3) and model["rms_log_error"] < 1e-3
+    assert critical_batch.steps_at(model, 150) == pytest.approx(600, rel=1e-3)
+
+
+def write_batch_run(folder, optimiser, rate, batch, accuracies, noise):
+    """A --batch-size run checked every 40 steps, with its noise figures per record (tr(Sigma), |G|^2)."""
+    name = f"{optimiser}-lr{rate:g}-b{batch}"
+    os.makedirs(folder / name)
+    config = {"optimiser": optimiser, "learning_rate": rate, "weight_decay": 0.0, "momentum": 0.9, "seed": 0,
+              "schedule": "constant", "warmup_steps": 0, "inner_steps": 40, "outer_steps": 50, "batch_size": batch,
+              "train_examples": None, "dtype": "float32", "dataset": "folder", "data_dir": "E", "target_accuracy": 0.7}
+    header = {"config": config, "devices": 2, "backend": "cpu", "train_examples": 21600, "validation_examples": 2700,
+              "examples_per_step": batch, "jax": "0"}
+    records = [{"outer": i + 1, "step": 40 * (i + 1), "loss": 1.0, "validation_accuracy": a, "noise_trace": t,
+                "gradient_square": g} for i, (a, (t, g)) in enumerate(zip(accuracies, noise))]
+    lines = [header, *records, {"summary": {}}]
+    (folder / name / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+
+
+def test_the_critical_batch_block_fits_the_best_rate_per_batch_size_and_pools_the_noise_there(tmp_path):
+    results = tmp_path / "results"
+    write_run(results / report.SWEEP, "lamb-s0", "lamb", 0.01, 0, [0.3, 0.5])
+    folder = results / report.CRITICAL
+    noise = [(100.0, 1.0), (300.0, 1.0), (500.0, 1.0), (700.0, 1.0)]  # the last two outer loops: near the target
+    # adam at 3 batch sizes; steps to 0.7 = 40 x (checks before it + 1): 160, 120, 80 steps
+    write_batch_run(folder, "adam", 0.001, 64, [0.5, 0.6, 0.66, 0.71], noise)
+    write_batch_run(folder, "adam", 0.003, 64, [0.5, 0.6, 0.6, 0.6], noise)  # not reached: the other rate is best
+    write_batch_run(folder, "adam", 0.001, 256, [0.5, 0.66, 0.7, 0.7], noise)
+    write_batch_run(folder, "adam", 0.001, 1024, [0.66, 0.7, 0.7, 0.7], noise)
+    full = results / report.FULL_SCALE
+    write_run(full, "lamb_1e-2", "lamb", 0.01, 0, [0.5, 0.66, 0.72])  # reached at step 30 of 10-step checks
+    report.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md")])
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| adam | 64 | 0.001, 0.003 (no) | 0.001 | 160 | 10,240 |" in text
+    assert "| adam | 256 | 0.001 | 0.001 | 120 | 30,720 |" in text
+    assert "| adam | 1,024 | 0.001 | 0.001 | 80 | 81,920 |" in text
+    # B_simple (examples: tr(Sigma) per example over |G|^2) at the target: the outer loops from the first at >= 0.65
+    # to the first at >= 0.7, pooled: b64 alone (loops 3, 4): (500 + 700) / (1 + 1) = 600.
+    row = next(line for line in text.splitlines() if line.startswith("| adam | 64 |"))
+    assert row.endswith("| 600 |")
+    import critical_batch
+    model = critical_batch.fit([64, 256, 1024], [160, 120, 80])
+    fit_row = next(line for line in text.splitlines() if line.startswith("| adam | ") and "images)" in line)
+    assert fit_row.startswith(f"| adam | {model['s_min']:,.0f} | {model['b_crit']:,.0f} (")
+    assert "| 400 |" in fit_row  # pooled over the three: (1200 + 800 + 400) / 6
+    assert "best rate, 0.01, first reached 0.7 at step 30 (after step 20)" in text
+    assert (folder / "critical_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
