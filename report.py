@@ -28,6 +28,7 @@ FULL_SCALE = "h100-lamb-bf16-fullscale"
 STUDY = "gpu-study"  # study.py's pack (and bench JSON) from a lent accelerator
 EPSILON, BATCH = "cpu-epsilon-256x8", "cpu-batch-256x8"
 CRITICAL = "cpu-batch-full"  # steps to a target against batch size on all 21,600 training images
+REGULARISED = "cpu-regularisers-256x8"  # the regularisers of a whole-set batch, each alone and combined
 THRESHOLDS = (0.5, 0.9, 0.95)
 
 
@@ -533,6 +534,68 @@ def critical_batch_block(runs: list[dict], folder: str, whole_set_runs: list[dic
                         "critical_batch.png)"]
 
 
+def options_text(config: dict) -> str:
+    """A run's regularisers in words ("none" for none; a config from before they existed has none)."""
+    words = [f"ema {config['ema']:g}" if config.get("ema") else "",
+             f"label smoothing {config['label_smoothing']:g}" if config.get("label_smoothing") else "",
+             "biases excluded" if config.get("lamb_exclude_biases") else "",
+             f"gradient penalty {config['gradient_penalty']:g} (blocks of {config['penalty_block']})"
+             if config.get("gradient_penalty") else ""]
+    return ", ".join(w for w in words if w) or "none"
+
+
+def regularisers_block(runs: list[dict], folder: str) -> list[str]:
+    """Per optimiser, rate and regularisers: the median best validation accuracy over seeds with its range,
+    the training accuracy at that outer loop and the gap, steps to the target, and the cost per step."""
+    target = runs[0]["config"]["target_accuracy"]
+    groups = {}
+    for run in runs:
+        c = run["config"]
+        groups.setdefault((c["optimiser"], c["learning_rate"], options_text(c)), []).append(run)
+    rows, curves = [], {}
+    for (optimiser, rate, options), members in sorted(groups.items(), key=lambda g: -statistics.median(
+            m["best"] for m in g[1])):
+        bests = [max(m["records"], key=lambda r: r["validation_accuracy"]) for m in members if m["records"]]
+        steps = [first_step(m, target) for m in members]
+        seconds = statistics.median(statistics.median(r["inner_seconds"] / m["config"]["inner_steps"]
+                                                      for r in m["records"][1:] or m["records"]) for m in members)
+        accuracies = [b["validation_accuracy"] for b in bests]
+        rows.append([optimiser, f"{rate:g}", options, f"{statistics.median(accuracies):.4f}",
+                     f"{min(accuracies):.4f} - {max(accuracies):.4f}",
+                     f"{statistics.median(b['train_accuracy'] - b['validation_accuracy'] for b in bests):+.3f}",
+                     f"{statistics.median(steps):g}" if all(s is not None for s in steps) else
+                     f"{sum(s is not None for s in steps)}/{len(steps)} seeds", f"{seconds:.2f}", len(members)])
+        curves[f"{optimiser} lr {rate:g}, {options}"] = members
+    lines = [f"{scale_text(runs[0])}", "", table(
+        ["optimiser", "rate", "regularisers", "median best val. acc.", "min - max over seeds",
+         "train - val. acc. there (median)", f"median steps to {target}", "s per step (median)", "seeds"], rows)]
+    draw_regularisers(os.path.join(folder, "regularisers.png"), curves)
+    return lines + ["", f"![validation accuracy against step, median over seeds]({folder}/regularisers.png)"]
+
+
+def draw_regularisers(path: str, curves: dict[str, list[dict]]) -> None:
+    """Validation accuracy against step, the median over seeds of each setting, LAMB's and Adam's side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    for label, members in curves.items():
+        steps = sorted({r["step"] for m in members for r in m["records"]})
+        medians = [statistics.median(r["validation_accuracy"] for m in members for r in m["records"]
+                                     if r["step"] == step) for step in steps]
+        axis = axes[0] if label.startswith("lamb") else axes[1]
+        axis.plot(steps, medians, marker=".", label=label, linestyle="-" if label.endswith("none") else "--")
+    for axis, name in zip(axes, ("LAMB", "Adam")):
+        axis.set(xlabel="step", title=f"{name}: validation accuracy, median over seeds")
+        axis.grid(alpha=0.3)
+        if axis.get_lines():
+            axis.legend(fontsize=7)
+    axes[0].set_ylabel("validation accuracy")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
 def findings_block(facts: dict, tuned: dict | None, longer: list[dict] | None, full_runs: list[dict]) -> list[str]:
     """The comparisons the reading of RESULTS.md rests on, computed; the reading itself is written by hand."""
     ranking, best_of = facts["ranking"], facts["best_of"]
@@ -612,6 +675,10 @@ def blocks(root: str) -> dict[str, tuple[str, list[str]]]:
     if batch_runs:
         made["batch"] = ("Steps to the target against batch size (reduced scale)",
                          batch_block(batch_runs, f"{root}/{BATCH}"))
+    regulariser_runs = load_runs(os.path.join(root, REGULARISED))
+    if regulariser_runs:
+        made["regularisers"] = ("Regularising a whole-set batch (reduced scale)",
+                                regularisers_block(regulariser_runs, f"{root}/{REGULARISED}"))
     critical_runs = load_runs(os.path.join(root, CRITICAL))
     if critical_runs:
         made["critical-batch"] = ("The critical batch on the full training set",
