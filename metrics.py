@@ -99,23 +99,29 @@ class Events:
     """A run's TensorBoard event files (tensorboardX: no TensorFlow in the training process), in its own folder,
     so one `tensorboard --logdir` over a sweep's folder compares its runs. A resumed run starts a new file
     that purges the steps after its checkpoint (TensorBoard's reader hides them), so every step is there
-    once. Absent tensorboardX (a bare accelerator machine), nothing is written."""
+    once. Absent tensorboardX (a bare accelerator machine), nothing is written. The file is opened with the
+    first record, not before training (tensorboardX's import takes half a second)."""
 
     def __init__(self, folder: str, header: dict, resumed_after: int | None):
+        self.folder, self.header, self.resumed_after, self.writer = folder, header, resumed_after, None
+
+    def open(self):
         try:
             from tensorboardX import SummaryWriter
         except ImportError:  # pragma: no cover
-            self.writer = None
-            return
-        inner = header["config"]["inner_steps"]
-        self.writer = SummaryWriter(folder, purge_step=None if resumed_after is None else resumed_after * inner + 1,
-                                    flush_secs=30)
-        if resumed_after is None:
-            self.writer.add_custom_scalars(LAYOUT)
-            self.writer.add_text("run", run_text(header), 0)
+            return None
+        after, inner = self.resumed_after, self.header["config"]["inner_steps"]
+        writer = SummaryWriter(self.folder, purge_step=None if after is None else after * inner + 1, flush_secs=30)
+        if after is None:
+            writer.add_custom_scalars(LAYOUT)
+            writer.add_text("run", run_text(self.header), 0)
+        return writer
 
     def record(self, record: dict) -> None:
-        if self.writer is None or "step" not in record:
+        if "step" not in record:
+            return
+        self.writer = self.writer or self.open()
+        if self.writer is None:
             return
         for key, value in record.items():
             if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):

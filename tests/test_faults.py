@@ -469,9 +469,10 @@ def test_a_gpu_or_cpu_box_starts_no_distributed_runtime(initialized, monkeypatch
 def test_a_signal_during_the_last_compiled_outer_loop_still_exits_128_plus_signal(tmp_path):
     """The compiled loop finishes its outer loop, here the run's last: the run is complete and saved, and the
     process still says it was stopped (a preempting supervisor counts on the code)."""
-    process = start_train([*RUN, "--inner-steps", "400", "--outer-steps", "1", "--inner-loop", "compiled",
+    process = start_train([*RUN, "--inner-steps", "1000", "--outer-steps", "1", "--inner-loop", "compiled",
                            "--output-dir", str(tmp_path)])
-    wait_for_records(tmp_path, 0, process)  # the header: the one outer loop is under way
+    wait_for_records(tmp_path, 0, process)  # the header: the one outer loop about to start
+    time.sleep(1.5)  # past its agreement to start (1,000 steps of this toy net take seconds more)
     process.send_signal(signal.SIGTERM)
     stderr = process.communicate(timeout=120)[1]
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
