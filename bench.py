@@ -285,7 +285,7 @@ def time_variant(name, config, a, per_device, batch, check_images, reference_log
     model = ConvNet(config.channels, config.dense, 10, jnp.dtype(config.dtype), parallel.choose_conv(config),
                     remat_gelu=config.remat_gelu)
     optimiser = optimisers.make_optimiser(config.optimiser)
-    microbatch = parallel.choose_microbatch(config, per_device, a.image_size)
+    microbatch = parallel.choose_microbatch(config, per_device, a.image_size, group=8)  # as a whole-set step
     state = optimisers.with_hyperparams(optimisers.create_state(model, optimiser, 0, (a.image_size,) * 2 + (3,)),
                                         config)
     error = logits_error(model, state.params, reference_logits, check_images)

@@ -8,6 +8,7 @@ whole batch, there is no dropout), so resuming from one replays the uninterrupte
 """
 import json
 import os
+import time
 
 import flax
 import jax
@@ -56,7 +57,13 @@ def initial_progress(config) -> dict:
     the device count its batches were drawn over (each device draws from its own examples)."""
     return {"outer": 0, "best": {"validation_accuracy": -1.0, "outer": None, "step": None}, "history": [],
             "loss": None, "train_seconds": 0.0, "elapsed_seconds": 0.0, "run": run_definition(config),
-            "draw_devices": jax.device_count() if config.batch_size else None}
+            "draw_layout": draw_layout() if config.batch_size else None}
+
+
+def draw_layout() -> list[int]:
+    """What a --batch-size run's draws depend on besides the seed: how the examples lie over the processes
+    and devices (each device draws from its own)."""
+    return [jax.process_count(), jax.device_count()]
 
 
 def target_reached(history: list[dict], target_accuracy: float) -> dict | None:
@@ -85,12 +92,12 @@ def resume_point(config, checkpoints) -> dict | None:
             raise UsageError(f"--resume: no checkpoint in {config.output_dir}")
         return None
     refuse_other_run(progress["run"], config)
-    drawn_over = progress.get("draw_devices")
-    if config.batch_size and drawn_over and drawn_over != jax.device_count():
+    layout = progress.get("draw_layout")
+    if config.batch_size and layout and layout != draw_layout() and not finished(config, progress):
         raise UsageError(f"{config.output_dir}: --batch-size {config.batch_size} draws each device's share from "
-                         f"that device's own examples, so this run's batches depend on its {drawn_over} devices and "
-                         f"this process has {jax.device_count()}: resume it on {drawn_over} devices, or start it "
-                         "afresh in another --output-dir")
+                         f"that device's own examples, so this run's batches depend on its layout, {layout[0]} "
+                         f"process(es) x {layout[1]} devices in all, and this one is {draw_layout()[0]} x "
+                         f"{draw_layout()[1]}: resume it on its own layout, or start it afresh in another --output-dir")
     return progress
 
 
@@ -142,18 +149,20 @@ def read_progress(checkpoints: ocp.CheckpointManager) -> dict | None:
     return upgraded(checkpoints.restore(outer, args=ocp.args.Composite(progress=ocp.args.JsonRestore())).progress)
 
 
-def refuse_lost_checkpoints(output_dir: str) -> None:
-    """A folder whose metrics.jsonl holds a run's outer loops but which has no checkpoint (deleted, or never
-    kept): training would start that run's log over and lose its records, so refuse with what to do."""
+def keep_lost_metrics_aside(output_dir: str) -> str | None:
+    """A folder whose metrics.jsonl holds a run's outer loops but no checkpoint (deleted, never kept, or a kill
+    between an outer loop's record and its first checkpoint): the run starts afresh, and the old file is kept
+    as metrics.jsonl.<UTC time>.old rather than started over. Returns the kept file's name, if any."""
     path = os.path.join(output_dir, "metrics.jsonl")
     if not os.path.exists(path):
-        return
+        return None
     with open(path) as f:
         outer = sum("validation_accuracy" in json.loads(line) for line in f if line.strip())
-    if outer:
-        raise UsageError(f"{output_dir} holds the metrics of {outer} outer loop(s) of a run but no checkpoint to "
-                         "resume it from: use another --output-dir, or move metrics.jsonl away to train that run "
-                         "from the start")
+    if not outer:
+        return None
+    kept = f"{path}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.old"
+    os.replace(path, kept)
+    return kept
 
 
 def upgraded(progress: dict) -> dict:

@@ -35,6 +35,8 @@ formulas above treat as simple (the shards are contiguous runs of a random order
 Per step the two estimates are noisy, and a ratio of noisy estimates is biased, so an outer loop sums
 each over its steps and divides the sums (`record_fields`); so does anything that pools outer loops or runs.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -58,7 +60,8 @@ def estimates(terms: dict, mean_gradient, batch: float, population: float) -> jn
     big = squared_norm(mean_gradient)  # |G_B|^2
     trace = (terms["chunk_squares"] - batch * big) / (terms["chunks"] - 1)
     trace = jnp.where(terms["chunks"] > 1, trace, jnp.nan)
-    return jnp.stack([trace, big - trace * (1 / batch - 1 / population)])  # (2,)
+    square = big if batch == population else big - trace * (1 / batch - 1 / population)  # the whole set: exact
+    return jnp.stack([trace, square])  # (2,)
 
 
 def record_fields(sums, steps: int, stride: int, train_images: int) -> dict:
@@ -66,10 +69,10 @@ def record_fields(sums, steps: int, stride: int, train_images: int) -> dict:
     B_simple = tr(Sigma) / |G|^2 in training images (the examples' count / stride), and N / B_simple.
     B_simple is None where it is undefined (fewer than 2 chunks, or an estimated |G|^2 not above 0)."""
     trace, square = (float(value) / steps for value in sums)
-    defined = trace == trace and square > 0 and trace >= 0
-    b_simple = trace / square / stride if defined else None
-    return {"noise_trace": trace if trace == trace else None, "gradient_square": square if square == square else None,
-            "b_simple": b_simple, "set_over_b_simple": train_images / b_simple if b_simple else None}
+    trace, square = (value if math.isfinite(value) else None for value in (trace, square))  # JSON has no NaN
+    b_simple = trace / square / stride if trace is not None and square and square > 0 and trace >= 0 else None
+    return {"noise_trace": trace, "gradient_square": square, "b_simple": b_simple,
+            "set_over_b_simple": train_images / b_simple if b_simple else None}
 
 
 def pooled(records: list[dict], stride: int) -> float | None:

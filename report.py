@@ -351,8 +351,9 @@ def study_block(runs: list[dict], folder: str) -> list[str]:
              f"images, {c.get('inner_steps')} steps per outer loop, {c.get('dtype')} compute, {h.get('conv')} convs; "
              f"{device_text(described, folder)}. The best outer loop is chosen on the same validation images it is "
              "scored on, so its interval is optimistic; the last outer loop's is a choice made without looking at "
-             "them. Blog-style: the best outer loop's accuracy, to 2 decimals, on "
-             f"{host_zero_words(c, host_zero_count(h.get('validation_examples', 0)))}.", ""]
+             "them." + (" Blog-style: the best outer loop's accuracy, to 2 decimals, on "
+                        f"{host_zero_words(c, host_zero_count(h['validation_examples']))}."
+                        if host_zero_count(h.get("validation_examples", 0)) else ""), ""]
     rows = []
     for run in sorted(runs, key=lambda r: -r["best"]):
         if not run["records"]:  # cut off (or diverged, or crashed) in its first outer loop
@@ -453,6 +454,11 @@ def batch_block(runs: list[dict], folder: str) -> list[str]:
     return lines
 
 
+def described(runs: list[dict]) -> dict:
+    """A run whose header has the counts (one that crashed before its header has only a config)."""
+    return next((r for r in runs if "train_examples" in r["header"]), runs[0])
+
+
 def reach_range(run: dict, accuracy: float) -> tuple[int, int] | None:
     """(last step checked below `accuracy`, first step at or above it): where the run crossed it."""
     before = 0
@@ -482,11 +488,13 @@ def critical_batch_block(runs: list[dict], folder: str, whole_set_runs: list[dic
     rate; the empirical model fitted per optimiser against the measured noise scale, its prediction for the
     whole set, and the whole-set runs' own steps."""
     target = min(r["config"]["target_accuracy"] for r in runs)
-    first, examples = runs[0], runs[0]["header"]["train_examples"] * 8
+    first = described(runs)
+    examples = first["header"]["train_examples"] * 8
     groups = {}
-    for run in runs:
+    for run in runs:  # a run that crashed before its header has no batch size to place it
         c = run["config"]
-        groups.setdefault((c["optimiser"], c["batch_size"]), []).append(run)
+        if c.get("batch_size"):
+            groups.setdefault((c["optimiser"], c["batch_size"]), []).append(run)
     rows, points, fitted, noise = [], {}, {}, {}
     for (optimiser, batch), members in sorted(groups.items()):
         steps = {m["config"]["learning_rate"]: first_step(m, target) for m in members}
@@ -547,7 +555,7 @@ def options_text(config: dict) -> str:
 def regularisers_block(runs: list[dict], folder: str) -> list[str]:
     """Per optimiser, rate and regularisers: the median best validation accuracy over seeds with its range,
     the training accuracy at that outer loop and the gap, steps to the target, and the cost per step."""
-    target = runs[0]["config"]["target_accuracy"]
+    target = described(runs)["config"]["target_accuracy"]
     groups = {}
     for run in runs:
         c = run["config"]
@@ -555,18 +563,22 @@ def regularisers_block(runs: list[dict], folder: str) -> list[str]:
     rows, curves = [], {}
     for (optimiser, rate, options), members in sorted(groups.items(), key=lambda g: -statistics.median(
             m["best"] for m in g[1])):
-        bests = [max(m["records"], key=lambda r: r["validation_accuracy"]) for m in members if m["records"]]
+        measured = [m for m in members if m["records"]]  # a seed that diverged in its first outer loop has none
+        bests = [max(m["records"], key=lambda r: r["validation_accuracy"]) for m in measured]
         steps = [first_step(m, target) for m in members]
-        seconds = statistics.median(statistics.median(r["inner_seconds"] / m["config"]["inner_steps"]
-                                                      for r in m["records"][1:] or m["records"]) for m in members)
-        accuracies = [b["validation_accuracy"] for b in bests]
+        accuracies = [b["validation_accuracy"] for b in bests] or [0.0]
+        seconds = [statistics.median(r["inner_seconds"] / m["config"]["inner_steps"]
+                                     for r in m["records"][1:] or m["records"]) for m in measured]
         rows.append([optimiser, f"{rate:g}", options, f"{statistics.median(accuracies):.4f}",
                      f"{min(accuracies):.4f} - {max(accuracies):.4f}",
-                     f"{statistics.median(b['train_accuracy'] - b['validation_accuracy'] for b in bests):+.3f}",
-                     f"{statistics.median(steps):g}" if all(s is not None for s in steps) else
-                     f"{sum(s is not None for s in steps)}/{len(steps)} seeds", f"{seconds:.2f}", len(members)])
-        curves[f"{optimiser} lr {rate:g}, {options}"] = members
-    lines = [f"{scale_text(runs[0])}", "", table(
+                     f"{statistics.median(b['train_accuracy'] - b['validation_accuracy'] for b in bests):+.3f}"
+                     if bests else "", f"{statistics.median(steps):g}" if all(s is not None for s in steps) else
+                     f"{sum(s is not None for s in steps)}/{len(steps)} seeds",
+                     f"{statistics.median(seconds):.2f}" if seconds else "",
+                     f"{len(members)}" + (f" ({sum(m['status'] == 'diverged' for m in members)} diverged)"
+                                          if any(m["status"] == "diverged" for m in members) else "")])
+        curves[f"{optimiser} lr {rate:g}, {options}"] = measured
+    lines = [f"{scale_text(described(runs))}", "", table(
         ["optimiser", "rate", "regularisers", "median best val. acc.", "min - max over seeds",
          "train - val. acc. there (median)", f"median steps to {target}", "s per step (median)", "seeds"], rows)]
     draw_regularisers(os.path.join(folder, "regularisers.png"), curves)
@@ -583,9 +595,11 @@ def draw_regularisers(path: str, curves: dict[str, list[dict]]) -> None:
         steps = sorted({r["step"] for m in members for r in m["records"]})
         medians = [statistics.median(r["validation_accuracy"] for m in members for r in m["records"]
                                      if r["step"] == step) for step in steps]
+        if not members:
+            continue
         axis = axes[0] if label.startswith("lamb") else axes[1]
         axis.plot(steps, medians, marker=".", label=label, linestyle="-" if label.endswith("none") else "--")
-    for axis, name in zip(axes, ("LAMB", "Adam")):
+    for axis, name in zip(axes, ("LAMB", "the others")):
         axis.set(xlabel="step", title=f"{name}: validation accuracy, median over seeds")
         axis.grid(alpha=0.3)
         if axis.get_lines():

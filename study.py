@@ -70,6 +70,9 @@ def build_parser():
 
 def parse_args(argv=None):
     study, fixed = build_parser().parse_known_args(argv)
+    for flag in PLANNED:
+        if any(a == flag or a.startswith(flag + "=") for a in fixed):
+            raise UsageError(f"{flag} is set by the study's plan for each run (study.PLAN): leave it out")
     for flag in ("--budget-seconds", "--seconds-per-outer", "--compile-seconds"):
         value = getattr(study, flag[2:].replace("-", "_"))
         if not 0 < value < math.inf:
@@ -101,10 +104,20 @@ def fastest_variant(path: str, dtype: str) -> dict:
     return {"conv": best["conv"], "remat_gelu": best["remat_gelu"], "microbatch": best["microbatch"]}
 
 
+# What the plan sets for each run: given on the command line they would be silently overwritten, so refused.
+PLANNED = ("--optimiser", "--learning-rate", "--schedule", "--warmup-steps", "--seed", "--weight-decay",
+           "--momentum", "--epsilon")
+
+
 def planned(base: Config, entry: dict) -> Config:
+    """A run of the plan: warmup and cosine decay, seed 0, no weight decay, each optimiser's default epsilon and
+    momentum, LAMB's biases excluded only where the command asks it and the run is LAMB's."""
     total = base.inner_steps * base.outer_steps
+    optimiser = entry.get("optimiser", base.optimiser)
     return dataclasses.replace(base, **{"schedule": "warmup_cosine", "warmup_steps": round(WARMUP_FRACTION * total),
-                                        "seed": 0, "weight_decay": 0.0, "momentum": 0.9, "epsilon": None, **entry})
+                                        "seed": 0, "weight_decay": 0.0, "momentum": 0.9, "epsilon": None,
+                                        "lamb_exclude_biases": base.lamb_exclude_biases and optimiser == "lamb",
+                                        **entry})
 
 
 def seconds_per_outer(output_dir: str) -> float | None:
@@ -126,6 +139,9 @@ def run_study(study, base: Config) -> dict:
     started, estimate = time.monotonic(), study.seconds_per_outer
     pack = Pack(study.pack) if jax.process_index() == 0 else None
     shared, done, outcome = train.Shared(base, pack), [], {"ran": [], "skipped": []}
+    for entry in PLAN:  # every run of the plan checked before the first trains (the winner's copies are like it)
+        if "winner_seeds" not in entry:
+            sweep.at_home(planned(base, entry), base.output_dir)
     with StopSignals() as stop:
         for entry in PLAN:
             if "winner_seeds" in entry:
@@ -164,6 +180,8 @@ def run_study(study, base: Config) -> dict:
                     outcome["ran"].append(point.name)
                 done.append(point)
                 estimate = seconds_per_outer(point.config.output_dir) or estimate
+        if stop.agree():  # it came during the last run's last (compiled) outer loop
+            raise Interrupted(stop.agreed, "during the last run's last outer loop, which completed the study's runs")
     outcome.update(seconds=time.monotonic() - started, budget_seconds=study.budget_seconds,
                    seconds_per_outer=estimate)
     if pack:

@@ -129,21 +129,32 @@ def parse_args(argv=None):
             "batch_sizes": parse_list(sweep.batch_sizes, "--batch-sizes", "batch_sizes") if sweep.batch_sizes
             else [None], "batch_inner_steps": sweep.batch_inner_steps}
     base = parse_config(fixed + ["--output-dir", sweep.output_dir])  # checks the fixed train.py flags
+    if base.lamb_exclude_biases and "lamb" not in optimisers:
+        raise UsageError(f"--lamb-exclude-biases applies to no run of this grid (--optimisers {','.join(optimisers)}):"
+                         " leave it out")
     return grid, base
 
 
 def refuse_unused(sweep, optimisers: list[str]) -> None:
-    """A list flag for optimisers the sweep does not run would be recorded as if it applied: refuse it."""
+    """A list flag that no run of the grid would use must not be accepted as if it applied: one for optimisers
+    the sweep does not run, a shared list every optimiser overrides with its own, a batch option without batch
+    sizes. Values are compared as numbers (0.90 is the default momentum)."""
     decayed = [name for name in optimisers if name in WITH_EPSILON]
+    own_rates = [name for name in optimisers if getattr(sweep, f"{name}_rates")]
+    own_epsilons = [name for name in decayed if getattr(sweep, f"{name}_epsilons")]
     unused = [f"--{name}-rates" for name in OPTIMISERS if getattr(sweep, f"{name}_rates") and name not in optimisers]
     unused += [f"--{name}-epsilons" for name in WITH_EPSILON if getattr(sweep, f"{name}_epsilons")
                and name not in optimisers]
-    unused += ["--momenta"] * (sweep.momenta != "0.9" and "sgd" not in optimisers)
-    unused += ["--weight-decays"] * (sweep.weight_decays != "0" and not decayed)
-    unused += ["--epsilons"] * (sweep.epsilons is not None and not decayed)
+    unused += ["--learning-rates"] * bool(sweep.learning_rates and len(own_rates) == len(optimisers))
+    unused += ["--momenta"] * (parse_list(sweep.momenta, "--momenta", "momenta") != [0.9] and "sgd" not in optimisers)
+    unused += ["--weight-decays"] * (parse_list(sweep.weight_decays, "--weight-decays", "weight_decays") != [0.0]
+                                     and not decayed)
+    unused += ["--epsilons"] * bool(sweep.epsilons and len(own_epsilons) == len(decayed))
+    unused += ["--batch-inner-steps"] * (sweep.batch_inner_steps != "scaled" and not sweep.batch_sizes)
     if unused:
-        raise UsageError(f"{unused[0]} applies to no optimiser of --optimisers {','.join(optimisers)} (momenta: sgd; "
-                         "weight decays and epsilons: lamb, adam): leave it out, or add the optimiser")
+        raise UsageError(f"{unused[0]} applies to no run of this grid (--optimisers {','.join(optimisers)}; momenta "
+                         "are sgd's, weight decays and epsilons lamb's and adam's, a shared list yields to each "
+                         "optimiser's own, --batch-inner-steps needs --batch-sizes): leave it out")
 
 
 def parse_optimisers(text: str) -> list[str]:
@@ -169,6 +180,7 @@ def grid_points(grid, base: Config) -> list[Point]:
                 grid["momenta"] if optimiser == "sgd" else grid["weight_decays"], epsilons):
             swept = {"momentum": coefficient, "weight_decay": 0.0} if optimiser == "sgd" else {
                 "weight_decay": coefficient}
+            swept["lamb_exclude_biases"] = base.lamb_exclude_biases and optimiser == "lamb"  # LAMB's own
             scaled = batch and grid.get("batch_inner_steps", "scaled") == "scaled"
             inner = base.inner_steps * largest // batch if scaled else base.inner_steps  # as many images per outer
             config = dataclasses.replace(base, optimiser=optimiser, learning_rate=rate, seed=seed, batch_size=batch,
@@ -482,6 +494,9 @@ def run_sweep(grid, base: Config):
         train.check_batch_splits(batch, "--batch-sizes")
     with StopSignals() as stop:  # one for the whole sweep: a signal during one run's last outer loop stops it
         run_points(points, train.Shared(base), stop)
+        if stop.agree():  # it came during the last run's last (compiled) outer loop, which finished the sweep
+            raise Interrupted(stop.agreed, "during the last run's last outer loop, which completed the sweep: its "
+                                           "runs are written (re-running the command writes the leaderboard)")
     if jax.process_index() != 0:
         return None, None
     rows = leaderboard_rows(points)

@@ -50,6 +50,7 @@ class Programs(NamedTuple):
     inner_mode: str  # "compiled" or "python"
     microbatch: int
     image_shape: tuple  # (H, W, C)
+    step_kwargs: dict  # what the step is built with (counts, chunks, draw, loss options)
 
 
 # Everything build_programs reads: runs equal in these (they may differ in rate, decay, momentum, seed...)
@@ -75,9 +76,11 @@ def build_programs(config, prepared: Prepared) -> Programs:
     # A whole-set chunk holds whole images (all 8 forms): the noise estimate is then image-level. A penalty's
     # blocks lie within the chunks.
     group = 1 if per_device_batch else prepared.stride
-    group = math.lcm(group, config.penalty_block) if config.gradient_penalty else group
-    microbatch = choose_microbatch(config, per_device_batch or prepared.train_data[0].shape[1], image_shape[0],
-                                   group=group)
+    per_device = per_device_batch or prepared.train_data[0].shape[1]
+    if config.gradient_penalty:
+        check_penalty_blocks(config.penalty_block, per_device)
+        group = math.lcm(group, config.penalty_block)
+    microbatch = choose_microbatch(config, per_device, image_shape[0], group=group)
     whole_set = float(prepared.train_count * prepared.stride)
     step_kwargs = dict(example_count=float(config.batch_size or whole_set), population=whole_set,
                        microbatch=microbatch, per_device_batch=per_device_batch,
@@ -95,7 +98,17 @@ def build_programs(config, prepared: Prepared) -> Programs:
         inner = functools.partial(steps.python_inner_loop, step, config.inner_steps)
     evaluate = jax.pmap(functools.partial(steps.evaluation, apply_fn=model.apply, chunk=microbatch),
                         axis_name=AXIS, static_broadcasted_argnums=(4, 5))
-    return Programs(model, optimiser, inner, evaluate, inner_mode, microbatch, image_shape)
+    return Programs(model, optimiser, inner, evaluate, inner_mode, microbatch, image_shape, step_kwargs)
+
+
+def check_penalty_blocks(block: int, per_device: int) -> None:
+    """Each device's examples of a step must be whole penalty blocks: a rest would go unpenalised, silently."""
+    if block > per_device:
+        raise UsageError(f"--penalty-block {block} is more than the {per_device} examples a device holds per step: "
+                         "a smaller block, or a larger --batch-size")
+    if per_device % block:
+        raise UsageError(f"--penalty-block {block} does not divide the {per_device} examples a device holds per "
+                         "step: a block that divides them")
 
 
 def batch_share(batch_size: int, prepared: Prepared, flag: str = "--batch-size") -> int:
@@ -162,8 +175,11 @@ def run(config, shared: Shared | None = None, stop: StopSignals | None = None) -
     checkpoints = checkpoint.manager(config.output_dir, config.keep_checkpoints) if config.output_dir else None
     try:
         resumed = checkpoint.resume_point(config, checkpoints)  # before loading data: refuse at once
-        if not resumed and config.output_dir:
-            checkpoint.refuse_lost_checkpoints(config.output_dir)
+        if not resumed and config.output_dir and jax.process_index() == 0:
+            kept = checkpoint.keep_lost_metrics_aside(config.output_dir)
+            if kept:
+                log(f"{config.output_dir} holds the metrics of a run but no checkpoint to resume it from: they are "
+                    f"kept as {os.path.basename(kept)}, and the run starts afresh")
         if resumed and checkpoint.finished(config, resumed):
             return summarise_finished(config, shared, checkpoints, resumed)
         programs = shared.programs_for(config)

@@ -436,9 +436,14 @@ def test_a_cloud_tpu_vm_joins_the_cluster_jax_detects_from_its_metadata(initiali
          "tpu-env": ""}))
     assert parallel.tpu_cluster() == "gcetpu"
     assert cloud_tpu_cluster.GceTpuCluster.get_process_count() == 4  # what jax will read there
+    waited = []
+    joined_within = parallel.joined_within
+    monkeypatch.setattr(parallel, "joined_within", lambda timeout, *rest: (waited.append(timeout),
+                                                                            joined_within(timeout, *rest)))
     parallel.init_distributed(config.Config(distributed_timeout=7))
     assert initialized == [((), {"cluster_detection_method": "gcetpu", "initialization_timeout": 37,
                                  "heartbeat_timeout_seconds": 7})]
+    assert waited == [7]  # our one line comes after --distributed-timeout, before jax's own abort
 
 
 def test_a_gke_tpu_node_joins_the_cluster_its_environment_describes(initialized, monkeypatch):
@@ -482,19 +487,20 @@ def test_a_signal_during_the_last_compiled_outer_loop_still_exits_128_plus_signa
     assert read_metrics(tmp_path)[2] is not None and latest_checkpoint(tmp_path)[0] == 1
 
 
-def test_a_folder_whose_checkpoints_are_gone_is_not_trained_over(tmp_path, capsys):
-    """Its metrics.jsonl holds a run: starting afresh would start that log over and lose the records."""
+def test_a_folder_whose_checkpoints_are_gone_keeps_its_metrics_aside_and_trains_afresh(tmp_path, capsys):
+    """Its metrics.jsonl holds a run (checkpoints deleted, or a kill between an outer loop's record and its
+    checkpoint): the run starts over, and the old records are kept in a file of their own, not written over."""
     args = [*RUN, "--outer-steps", "2", "--output-dir", str(tmp_path)]
     train.main(args)
     before = (tmp_path / "metrics.jsonl").read_text()
     shutil.rmtree(tmp_path / "checkpoints")
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(args)
-    assert exit_info.value.code == 2 and (tmp_path / "metrics.jsonl").read_text() == before
-    assert capsys.readouterr().err.strip() == (
-        f"train.py: error: {tmp_path} holds the metrics of 2 outer loop(s) of a run but no checkpoint to resume it "
-        "from: use another --output-dir, or move metrics.jsonl away to train that run from the start")
+    train.main(args)
+    (kept,) = tmp_path.glob("metrics.jsonl.*.old")
+    assert kept.read_text() == before
+    assert f"holds the metrics of a run but no checkpoint to resume it from: they are kept as {kept.name}, and the " \
+           "run starts afresh" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(tmp_path)[1]] == [3, 6] and "resumed_after_outer" not in before
 
 
 def test_a_drawn_batch_run_is_not_resumed_on_another_device_layout(tmp_path):
@@ -505,6 +511,7 @@ def test_a_drawn_batch_run_is_not_resumed_on_another_device_layout(tmp_path):
     result = run_train([*args, "--outer-steps", "2"], devices=1, check=False)
     assert result.returncode == 2 and result.stderr.strip() == (
         f"train.py: error: {tmp_path}: --batch-size 64 draws each device's share from that device's own examples, "
-        "so this run's batches depend on its 2 devices and this process has 1: resume it on 2 devices, or start it "
-        "afresh in another --output-dir")
+        "so this run's batches depend on its layout, 1 process(es) x 2 devices in all, and this one is 1 x 1: resume "
+        "it on its own layout, or start it afresh in another --output-dir")
+    assert "finished earlier" in run_train([*args, "--outer-steps", "1"], devices=1).stdout  # nothing to draw
     assert "resuming after outer loop 1" in run_train([*args, "--outer-steps", "2"], devices=2).stdout

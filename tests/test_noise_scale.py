@@ -152,13 +152,18 @@ def test_the_record_sums_numerator_and_denominator_over_the_steps_and_says_none_
     fields = noise_scale.record_fields([6.0, 2.0], 2, 8, 100)  # mean tr 3, mean |G|^2 1: 3 forms = 0.375 images
     assert fields == {"noise_trace": 3.0, "gradient_square": 1.0, "b_simple": 0.375, "set_over_b_simple": 100 / 0.375}
     assert noise_scale.record_fields([np.nan, 2.0], 2, 8, 100)["b_simple"] is None  # one chunk: no estimate
+    assert noise_scale.record_fields([np.nan, 2.0], 2, 8, 100)["gradient_square"] == 1.0  # the whole set: exact
+    assert noise_scale.record_fields([-6.0, 2.0], 2, 8, 100)["b_simple"] is None  # an estimate below 0
+    assert noise_scale.record_fields([np.inf, 2.0], 2, 8, 100) == {
+        "noise_trace": None, "gradient_square": 1.0, "b_simple": None, "set_over_b_simple": None}
     assert noise_scale.record_fields([6.0, -1.0], 2, 8, 100)["b_simple"] is None  # |G|^2 estimated below 0
     records = [{"noise_trace": 3.0, "gradient_square": 1.0}, {"noise_trace": 1.0, "gradient_square": 3.0}]
     assert noise_scale.pooled(records, 1) == 1.0  # (3 + 1) / (1 + 3), not the mean of 3 and 1/3
 
 
 @pytest.mark.parametrize("asked,per_device,group,want", [
-    (0, 512, 8, 32), (20, 512, 8, 16), (5, 512, 8, 8), (20, 512, 1, 20), (600, 512, 8, 512), (0, 24, 8, 24)])
+    (0, 512, 8, 32), (20, 512, 8, 16), (28, 512, 8, 24), (5, 512, 8, 8), (20, 512, 1, 20), (600, 512, 8, 512),
+    (0, 24, 8, 24)])
 def test_a_whole_set_chunk_holds_whole_images(asked, per_device, group, want):
     c = config.Config(microbatch=asked, dataset="synthetic")  # on the CPU: patch convs, 32 when automatic
     assert parallel.choose_microbatch(c, per_device, 64, group=group) == want

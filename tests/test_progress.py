@@ -134,3 +134,14 @@ def test_a_picture_that_cannot_be_drawn_does_not_hide_why_the_run_ended(tmp_path
     with pytest.raises(OSError):  # a run that ended well reports it
         with metrics.MetricsLog(str(tmp_path / "metrics.jsonl"), {"config": {}}, None) as log:
             log.write({"outer": 1, "validation_accuracy": 0.5})
+
+
+def test_the_outer_line_names_the_raw_and_the_averaged_params_accuracies():
+    import metrics
+    record = {"outer": 2, "step": 20, "loss": 1.0, "train_accuracy": 0.5, "validation_accuracy": 0.2,
+              "raw_validation_accuracy": 0.1, "ema_validation_accuracy": 0.2, "learning_rate": 0.01,
+              "gradient_norm": 1.0, "update_ratios": {"a": 0.01}, "inner_seconds": 1.0, "images_per_second": 10.0,
+              "elapsed_seconds": 2.0, "b_simple": 12.5, "set_over_b_simple": 8.0}
+    line = metrics.outer_line(5, record, {"validation_accuracy": 0.2, "outer": 2}, first=False)
+    assert "val acc 0.2000 (raw 0.1000, ema 0.2000) (best 0.2000 @ outer 2)" in line
+    assert "| B_simple 12 img (set/B 8.0) |" in line

@@ -176,3 +176,123 @@ def test_the_gradient_penalty_s_gradient_against_finite_differences_and_on_one_a
         numeric = (float(objective(shifted[0])) - float(objective(shifted[1]))) / (2 * size)
         analytic = sum(np.sum(g * d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
         np.testing.assert_allclose(analytic, numeric, rtol=2e-2)
+
+
+def one_sgd_step(c, split, params):
+    """One step of the programs train.py builds for `c` (rate 1 SGD unless c says otherwise) on `split` over 8
+    devices: (the params after it, the programs)."""
+    import device_data
+    from types import SimpleNamespace
+    batch = parallel.on_devices(*data.pad_and_shard(split, 8, len(split.labels) // 8))
+    prepared = device_data.Prepared(batch, batch, len(split.labels), len(split.labels), 1, 10, len(split.labels))
+    programs = train.build_programs(c, prepared)
+    state = optimisers.with_hyperparams(optimisers.create_state(programs.model, programs.optimiser, 0, (8, 8, 3)), c)
+    state = flax.jax_utils.replicate(state.replace(params=params))
+    no_signal = SimpleNamespace(received=None, flags=lambda: np.zeros(jax.local_device_count(), np.int32))
+    new_state = programs.inner(state, *batch, seed=0, stop=no_signal)[0]
+    return jax.tree.map(lambda p: np.asarray(p[0], np.float64), new_state.params), programs
+
+
+@pytest.mark.parametrize("smoothing", [0.1, 0.3])
+def test_the_step_train_py_builds_descends_the_smoothed_loss(smoothing):
+    """--label-smoothing reaches the compiled step: SGD at rate 1 moves by the smoothed loss's mean gradient,
+    written here from log-softmax (its value matters: two values checked)."""
+    split, model, params = problem(16)
+    c = config.Config(optimiser="sgd", learning_rate=1.0, momentum=0.0, channels=(4, 8), dense=8, inner_steps=1,
+                      outer_steps=1, inner_loop="python", microbatch=1, dataset="synthetic", no_augment=True,
+                      label_smoothing=smoothing)
+    new, programs = one_sgd_step(c, split, params)
+    assert programs.step_kwargs["label_smoothing"] == smoothing
+
+    def smoothed(p):
+        log_softmax = jax.nn.log_softmax(model.apply({"params": p}, split.images))
+        targets = (1 - smoothing) * jax.nn.one_hot(split.labels, 10) + smoothing / 10
+        return -(targets * log_softmax).sum(-1).mean()
+    grads = jax.grad(smoothed)(params)
+    jax.tree.map(lambda after, before, g: np.testing.assert_allclose(before - after, g, rtol=1e-4, atol=1e-7), new,
+                 params, grads)
+
+
+def test_the_step_train_py_builds_runs_lamb_without_biases_in_decay_and_trust_ratio():
+    """--lamb-exclude-biases reaches the compiled step: a zero bias moves by about the rate each step (Adam's
+    first updates are about the gradient's sign), where plain LAMB's trust ratio holds it after its first."""
+    split, model, params = problem(16)
+    moved = {}
+    for exclude in (True, False):
+        c = config.Config(optimiser="lamb", learning_rate=0.01, channels=(4, 8), dense=8, inner_steps=2,
+                          outer_steps=1, inner_loop="python", microbatch=2, dataset="synthetic", no_augment=True,
+                          lamb_exclude_biases=exclude)
+        new = one_sgd_step(c, split, params)[0]
+        moved[exclude] = np.abs(new["Conv_0"]["bias"]).max()
+    # Excluded: two steps of about the rate each. Plain LAMB: the rate once (a zero norm gives a trust ratio of 1),
+    # then the rate times |p| / |u|, about a hundredth of it.
+    assert 0.015 < moved[True] <= 0.0201 and 0.0099 < moved[False] < 0.0102
+
+
+def test_penalty_blocks_lie_within_the_gradient_chunks_and_a_device_holds_whole_blocks():
+    """The chunk (microbatch) is a multiple of the penalty's block, so no block straddles two chunks; a device
+    holding fewer examples than a block, or not a multiple of it, is refused (its examples would go
+    unpenalised, silently)."""
+    import dataclasses
+    import device_data
+    split = problem(384)[0]
+    batch = parallel.on_devices(*data.pad_and_shard(split, 8, 48))  # 48 per device
+    prepared = device_data.Prepared(batch, batch, 384, 384, 1, 10, 384, train_fewest_per_device=48)
+    c = config.Config(optimiser="adam", channels=(4, 8), dense=8, dataset="synthetic", no_augment=True,
+                      microbatch=32, gradient_penalty=1.0, penalty_block=24)
+    assert train.build_programs(c, prepared).microbatch == 24  # 32 rounded down to whole blocks
+    for changed, message in [(dict(penalty_block=64), "--penalty-block 64 is more than the 48 examples"),
+                             (dict(penalty_block=32), "--penalty-block 32 does not divide the 48 examples"),
+                             (dict(penalty_block=32, batch_size=128), "--penalty-block 32 is more than the 16")]:
+        with pytest.raises(train.UsageError, match=message):
+            train.build_programs(dataclasses.replace(c, **changed), prepared)
+
+
+def test_the_penalty_counts_real_examples_only_and_its_loss_is_smoothed_inside_too():
+    """penalised_loss_sum's value against one written here: with padding (each block's mean over its real
+    examples) and label smoothing (in the loss and in the blocks' gradients)."""
+    split, model, params = problem(8, seed=2)
+    mask = np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32)  # the second block of 4 holds 2 real examples
+    got_total, got_plain = steps.penalised_loss_sum(params, model.apply, split.images, split.labels, mask, 0.2, 3.0, 4)
+
+    def smoothed_sum(p, x, y):
+        log_softmax = jax.nn.log_softmax(model.apply({"params": p}, x))
+        return -(((1 - 0.2) * jax.nn.one_hot(y, 10) + 0.2 / 10) * log_softmax).sum()
+    plain = smoothed_sum(params, split.images[:6], split.labels[:6])
+    squares = [sum(jnp.sum(g ** 2) for g in jax.tree.leaves(jax.grad(lambda p: smoothed_sum(p, x, y) / len(y))(
+        params))) for x, y in [(split.images[:4], split.labels[:4]), (split.images[4:6], split.labels[4:6])]]
+    np.testing.assert_allclose(float(got_plain), float(plain), rtol=1e-5)
+    np.testing.assert_allclose(float(got_total), float(plain + 3.0 * 4 / 2 * sum(squares)), rtol=1e-4)
+
+
+def test_the_outer_loop_is_the_better_params_on_validation_raw_on_a_tie_and_the_best_keeps_them(tmp_path,
+                                                                                               monkeypatch):
+    """evaluate() picks the params that classify more validation images (the raw ones on a tie) and keep_best
+    keeps exactly those, in best_params.msgpack too; a later tie does not replace the best."""
+    from types import SimpleNamespace
+    raw, average = {"w": np.ones(2, np.float32)}, {"w": np.full(2, 2.0, np.float32)}
+    state = SimpleNamespace(params=raw, opt_state=(None, optimisers.AverageState(average)))
+    prepared = SimpleNamespace(val_count=10, train_count=10, stride=1, val_local_count=10)
+    c = config.Config(ema=0.9, inner_steps=1, dataset="synthetic", output_dir=str(tmp_path))
+    progress = {"outer": 0, "train_seconds": 0.0, "loss": 1.0,
+                "best": {"validation_accuracy": -1.0, "outer": None, "step": None}}
+    for raw_right, average_right, chosen in [(5, 7, "ema"), (6, 6, "raw"), (8, 3, "raw")]:
+        counts = {id(raw): raw_right, id(average): average_right}
+        monkeypatch.setattr(train, "accuracies", lambda c, p, programs, params: {
+            "each": np.zeros(10, bool), "validation_correct": counts[id(params)], "train_correct": 1,
+            "train_evaluated": 10, "broken": 0})
+        monkeypatch.setattr(train, "in_split_order", lambda each, count: each)
+        record, params = train.evaluate(c, prepared, None, state, 1.0, 0.0, progress, None)
+        assert record["params"] == chosen and params is (average if chosen == "ema" else raw)
+        assert (record["raw_validation_accuracy"], record["ema_validation_accuracy"]) == (raw_right / 10,
+                                                                                            average_right / 10)
+    record = {"validation_accuracy": 0.7, "outer": 1, "step": 1, "params": "ema"}
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    replicated = {"w": np.full((jax.local_device_count(), 2), 2.0, np.float32)}  # (devices, 2), as pmap holds it
+    best = train.keep_best(c, record, replicated, None, progress)
+    assert progress["best"]["params"] == "ema" and np.array_equal(best["w"], replicated["w"])
+    saved = flax.serialization.msgpack_restore((tmp_path / "best_params.msgpack").read_bytes())
+    assert np.array_equal(saved["w"], [2.0, 2.0])
+    later = train.keep_best(c, {**record, "outer": 2, "params": "raw"}, {"w": np.zeros((8, 2), np.float32)}, best,
+                            progress)
+    assert later is best and progress["best"]["outer"] == 1  # a tie keeps the earlier best

@@ -105,3 +105,40 @@ def test_the_plan_runs_lamb_at_the_default_epsilon_and_again_at_optaxs():
     assert lambs[0].epsilon == config.DEFAULT_EPSILONS["lamb"] == 1e-6 / 32
     assert [(c.learning_rate, c.epsilon) for c in lambs].count((lambs[0].learning_rate, 1e-6)) == 1
     assert {c.schedule for c in lambs} == {"warmup_cosine"}
+
+
+@pytest.mark.parametrize("flag", ["--seed", "--learning-rate", "--schedule", "--weight-decay", "--optimiser"])
+def test_what_the_plan_sets_for_each_run_is_refused_on_the_command_line(tmp_path, capsys, flag):
+    value = {"--schedule": "warmup_linear", "--optimiser": "adam"}.get(flag, "0.5" if flag != "--seed" else "5")
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(["--pack", str(tmp_path / "p.jsonl"), "--output-dir", str(tmp_path), flag, value, *FIXED])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == (
+        f"study.py: error: {flag} is set by the study's plan for each run (study.PLAN): leave it out")
+
+
+def test_lamb_s_own_option_goes_to_the_plan_s_lamb_runs_only_and_every_run_is_checked_first(tmp_path, monkeypatch):
+    base = study.parse_args(["--pack", str(tmp_path / "p.jsonl"), "--output-dir", str(tmp_path),
+                             "--lamb-exclude-biases", *FIXED])[1]
+    assert {(c.optimiser, c.lamb_exclude_biases) for c in (study.planned(base, e) for e in study.PLAN
+                                                           if "optimiser" in e)} == {
+        ("lamb", True), ("adam", False), ("sgd", False)}
+    monkeypatch.setattr(study, "PLAN", [{"optimiser": "lamb", "learning_rate": 1e-2},
+                                        {"optimiser": "adam", "learning_rate": -1.0}])  # the second cannot run
+    with pytest.raises(study.UsageError, match="--learning-rate must be positive"):
+        study.run_study(*study.parse_args(["--pack", str(tmp_path / "p.jsonl"), "--output-dir", str(tmp_path),
+                                           *FIXED]))
+    assert not (tmp_path / "lamb-lr0.01-wd0-eps3.125e-08-warmup_cosine-s0").exists()  # refused before it trained
+
+
+def test_a_run_that_crashes_is_packed_whole_header_first(tmp_path, monkeypatch):
+    import train
+    monkeypatch.setattr(study, "PLAN", [{"optimiser": "sgd", "learning_rate": 0.1}])
+
+    def crash(config, shared, stop):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    monkeypatch.setattr(train, "run", crash)
+    study.run_study(*study.parse_args(["--pack", str(tmp_path / "p.jsonl"), "--output-dir", str(tmp_path / "runs"),
+                                       "--budget-seconds", "1e9", *FIXED]))
+    (lines,) = read_pack(str(tmp_path / "p.jsonl")).values()
+    assert "config" in lines[0] and lines[-1] == {"crashed": True, "error": "RuntimeError: RESOURCE_EXHAUSTED: out of "
+                                                                             "memory"}

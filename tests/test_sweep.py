@@ -112,9 +112,11 @@ def test_single_value_forms_of_swept_flags_are_refused(tmp_path, flag, listed):
         sweep.parse_args(["--output-dir", str(tmp_path), *flag, *FIXED])
 
 
-def test_a_stop_signal_during_a_runs_last_outer_loop_stops_the_sweep_before_its_next_run(tmp_path):
+@pytest.mark.parametrize("seeds", ["0,1", "0"])
+def test_a_stop_signal_during_a_runs_last_outer_loop_stops_the_sweep_before_its_next_run(tmp_path, seeds):
+    """Between two runs, or after the last (whose last compiled outer loop finished the sweep): 128 + signal."""
     out = tmp_path / "sweep"
-    argv = ["--optimisers", "lamb", "--learning-rates", "0.01", "--seeds", "0,1", "--output-dir", str(out), *FIXED,
+    argv = ["--optimisers", "lamb", "--learning-rates", "0.01", "--seeds", seeds, "--output-dir", str(out), *FIXED,
             "--outer-steps", "1", "--inner-loop", "compiled"]
     process = subprocess.Popen([sys.executable, "sweep.py", *argv], env=device_env(), cwd=ROOT, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -123,9 +125,11 @@ def test_a_stop_signal_during_a_runs_last_outer_loop_stops_the_sweep_before_its_
     process.send_signal(signal.SIGTERM)
     stderr = process.communicate(timeout=120)[1]
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-    assert stderr.strip().splitlines()[-1] == ("sweep.py: stopped by SIGTERM before run 2 of 2 "
-                                               "(lamb-lr0.01-wd0-eps3.125e-08-constant-s1); re-running the same "
-                                               "command goes on from there")
+    assert stderr.strip().splitlines()[-1] == (
+        "sweep.py: stopped by SIGTERM before run 2 of 2 (lamb-lr0.01-wd0-eps3.125e-08-constant-s1); re-running the "
+        "same command goes on from there" if seeds == "0,1" else "sweep.py: stopped by SIGTERM during the last run's "
+        "last outer loop, which completed the sweep: its runs are written (re-running the command writes the "
+        "leaderboard)")
     assert read_metrics(first.parent)[2] is not None  # the first run finished its one outer loop
     assert not (out / "lamb-lr0.01-wd0-eps3.125e-08-constant-s1").exists()
 
@@ -194,12 +198,18 @@ def test_a_run_name_means_the_same_run_whatever_the_default_epsilon():
     (["--learning-rates", "1e-3,x"], "--learning-rates '1e-3,x' is not a comma-separated list of numbers"),
     (["--momenta", "1"], "--momenta must all be in [0, 1), got 1"),
     (["--seeds", "0.5"], "--seeds '0.5' is not a comma-separated list of integers"),
-    (["--optimisers", "adam", "--momenta", "0.5"], "--momenta applies to no optimiser of --optimisers adam"),
-    (["--optimisers", "sgd", "--weight-decays", "0.1"], "--weight-decays applies to no optimiser of --optimisers sgd"),
-    (["--optimisers", "sgd", "--epsilons", "1e-8"], "--epsilons applies to no optimiser of --optimisers sgd"),
-    (["--optimisers", "lamb", "--sgd-rates", "0.1"], "--sgd-rates applies to no optimiser of --optimisers lamb"),
+    (["--optimisers", "adam", "--momenta", "0.5"], "--momenta applies to no run of this grid (--optimisers adam;"),
+    (["--optimisers", "sgd", "--weight-decays", "0.1"], "--weight-decays applies to no run of this grid"),
+    (["--optimisers", "sgd", "--epsilons", "1e-8"], "--epsilons applies to no run of this grid"),
+    (["--optimisers", "lamb", "--sgd-rates", "0.1"], "--sgd-rates applies to no run of this grid"),
     (["--optimisers", "lamb", "--warmup-steps", "2"], "--warmup-steps needs a warmup schedule"),
     (["--optimisers", "lamb,rmsprop"], "unknown optimiser(s) ['rmsprop'] in --optimisers"),
+    (["--optimisers", "lamb", "--momenta", "0.5"], "--momenta applies to no run of this grid"),
+    (["--optimisers", "lamb", "--learning-rates", "5", "--lamb-rates", "0.01"],
+     "--learning-rates applies to no run of this grid"),
+    (["--optimisers", "adam", "--epsilons", "7e-3", "--adam-epsilons", "1e-8"], "--epsilons applies to no run"),
+    (["--batch-inner-steps", "same"], "--batch-inner-steps applies to no run of this grid"),
+    (["--optimisers", "adam", "--lamb-exclude-biases"], "--lamb-exclude-biases applies to no run of this grid"),
 ])
 def test_bad_sweep_lists_end_with_one_line_naming_the_sweeps_own_flag(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -228,3 +238,30 @@ def test_every_batch_size_of_the_grid_is_checked_before_the_first_run_trains(tmp
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and err[-1].startswith(f"sweep.py: error: {message}"), err
         assert not list(tmp_path.glob("**/metrics.jsonl"))  # no run trained
+
+
+def test_default_values_written_otherwise_are_no_unused_lists_and_lamb_s_own_option_stays_lamb_s(tmp_path):
+    for argv in (["--optimisers", "lamb", "--momenta", "0.90"], ["--optimisers", "sgd", "--weight-decays", "0.0"]):
+        sweep.parse_args([*argv, "--output-dir", str(tmp_path), *FIXED])  # no refusal
+    points = sweep.grid_points(*sweep.parse_args(["--optimisers", "lamb,adam", "--lamb-rates", "0.01", "--adam-rates",
+                                                  "0.01", "--lamb-exclude-biases", "--output-dir", str(tmp_path),
+                                                  *FIXED]))
+    assert {p.config.optimiser: p.config.lamb_exclude_biases for p in points} == {"lamb": True, "adam": False}
+    assert [p.name for p in points] == ["lamb-lr0.01-wd0-eps3.125e-08-xb-constant-s0", "adam-lr0.01-wd0-constant-s0"]
+
+
+def test_run_names_carry_the_regularisers_and_settings_with_other_ones_are_not_seeds_of_one_another():
+    c = config.Config(optimiser="lamb", ema=0.9, label_smoothing=0.1, lamb_exclude_biases=True, gradient_penalty=1.0,
+                      penalty_block=8)
+    assert sweep.options_name(c) == "-ema0.9-ls0.1-xb-gp1b8" and sweep.options_name(config.Config()) == ""
+    rows = [{"optimiser": "lamb", "learning_rate": 0.01, "weight_decay": 0.0, "momentum": "", "epsilon": 1e-6,
+             "options": options, "best_validation_accuracy": accuracy}
+            for options, accuracy in [("none", 0.5), ("none", 0.52), ("ema0.9", 0.6)]]
+    (summary,) = sweep.optimiser_summary(rows)
+    assert summary["best_setting"] == "lr 0.01 wd 0 eps 1e-06 ema0.9" and summary["seeds"] == 1
+
+
+def test_leaderboard_cells_give_rates_and_coefficients_as_given():
+    assert sweep.cell("epsilon", 3.125e-08) == "3.125e-08" and sweep.cell("weight_decay", 1e-05) == "1e-05"
+    assert sweep.cell("best_validation_accuracy", 0.58812) == "0.5881" and sweep.cell("final_loss", 1.23456) == "1.2346"
+    assert sweep.cell("target_seconds", 47.2212) == "47.22" and sweep.cell("seed", 2) == "2"

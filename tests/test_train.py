@@ -75,6 +75,7 @@ def test_the_step_train_py_builds_moves_by_the_mean_gradient_over_all_eight_form
     c = config.Config(optimiser="sgd", learning_rate=1.0, momentum=0.0, channels=(4, 8), dense=8, inner_steps=1,
                       outer_steps=1, inner_loop="python", microbatch=5, dataset="synthetic")
     programs = train.build_programs(c, prepared)
+    assert programs.step_kwargs["example_count"] == programs.step_kwargs["population"] == 104  # forms, not images
     state = optimisers.with_hyperparams(optimisers.create_state(programs.model, programs.optimiser, 0, (8, 8, 3)), c)
     state = flax.jax_utils.replicate(state.replace(params=params))
     no_signal = SimpleNamespace(received=None, flags=lambda: np.zeros(jax.local_device_count(), np.int32))
@@ -300,6 +301,12 @@ def test_a_bfloat16_run_learns_end_to_end_and_its_best_params_give_its_best_accu
     (["--warmup-steps", "5"], "--warmup-steps needs a warmup schedule: add --schedule warmup_cosine or warmup_linear"),
     (["--output-dir", "gs://bucket/run"], "--output-dir gs://bucket/run: a URL is not a folder train.py can write; "
                                           "give a folder every host sees"),
+    (["--optimiser", "adam", "--lamb-exclude-biases"], "--lamb-exclude-biases is LAMB's; adam has no trust ratio"),
+    (["--ema", "1"], "--ema must be in [0, 1) (0: none), got 1.0"),
+    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1), got 1.0"),
+    (["--gradient-penalty=-1"], "--gradient-penalty must be >= 0 (0: none), got -1.0"),
+    (["--penalty-block", "0"], "--penalty-block must be positive, got 0"),
+    (["--penalty-block", "8"], "--penalty-block needs --gradient-penalty"),
 ])
 def test_bad_input_exits_non_zero_with_one_line_naming_the_problem(tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
@@ -435,3 +442,18 @@ def test_the_inner_loop_compiles_once_not_again_when_its_output_comes_back(inner
     for _ in range(2):
         state = programs.inner(state, *prepared.train_data, seed=0, stop=no_signal)[0]
     assert len(traces) == traced
+
+
+def test_the_training_accuracy_of_the_first_train_eval_examples(tmp_path):
+    """--train-eval-examples 20 over 8 devices: the first 3 training images of each device's shard (24 images;
+    the shards are contiguous thirties of the split), recounted from the params of the last checkpoint."""
+    train.main([*SMALL, "--synthetic-examples", "300", "--inner-steps", "2", "--outer-steps", "1", "--optimiser",
+                "adam", "--learning-rate", "0.05", "--train-eval-examples", "20", "--output-dir", str(tmp_path)])
+    record = read_metrics(tmp_path)[1][0]
+    model = ConvNet(channels=(8, 16), dense=16)
+    params = latest_checkpoint(tmp_path)[1]["state"]["params"]
+    split = data.load_synthetic("train", 300, 16, 0, 1)  # 240 images, 30 per device
+    picked = np.concatenate([np.arange(30 * d, 30 * d + 3) for d in range(8)])
+    predictions = np.argmax(np.asarray(model.apply({"params": params}, split.images[picked])), -1)
+    assert record["train_accuracy"] == (predictions == split.labels[picked]).mean()
+    assert record["train_accuracy"] != accuracy(model, params, split)  # not the whole split's
