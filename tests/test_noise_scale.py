@@ -130,17 +130,17 @@ def test_over_many_drawn_batches_in_unequal_chunks_the_estimates_average_to_the_
     g = per_example_gradients(model, params, split.images, split.labels)
     true_trace, true_square = np.sum(np.var(g, axis=0, ddof=1)), np.sum(g.mean(0) ** 2)
     state = optimisers.create_state(model, optax.sgd(1.0), 0, (8, 8, 3)).replace(params=params)
-    steps = 2000
+    step_count = 2000
 
     def every_step(state, images, labels, mask):  # the steps' estimates as one program
         estimate = functools.partial(steps.loss_and_gradient, images=images, labels=labels, mask=mask,
                                      example_count=32.0, population=64.0, microbatch=3, per_device_batch=32, seed=0)
-        return jax.lax.map(lambda step: estimate(state.replace(step=step))[2], np.arange(steps))
+        return jax.lax.map(lambda step: estimate(state.replace(step=step))[2], np.arange(step_count))
     one_device = jax.pmap(every_step, axis_name=parallel.AXIS, devices=jax.devices()[:1])
     batch = (split.images[None], split.labels[None], np.ones((1, 64), np.float32))  # (1 device, 64, ...)
     estimates = np.asarray(one_device(flax.jax_utils.replicate(state, jax.devices()[:1]), *batch)[0], np.float64)
     mean_trace, mean_square = estimates.mean(0)
-    spread = estimates.std(0) / np.sqrt(steps)  # the means' standard errors (the draws are close to independent)
+    spread = estimates.std(0) / np.sqrt(step_count)  # the means' standard errors (the draws are close to independent)
     assert abs(mean_trace - true_trace) < 3 * spread[0] + 0.02 * true_trace, (mean_trace, true_trace, spread)
     assert abs(mean_square - true_square) < 3 * spread[1] + 0.02 * true_square, (mean_square, true_square, spread)
     # Tight enough to see a wrong chunk count (K for K - 1: 10% here) or a dropped correction (over 100% of |G|^2):
