@@ -86,6 +86,12 @@ def wait_for_records(output_dir, count, process, timeout=120):
     raise AssertionError(f"no {count} outer loops in {timeout}s")
 
 
+def outer_record(output_dir, outer):
+    """Outer loop `outer`'s record, read while the run goes on (a later line may still be half written)."""
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return json.loads([line for line in f if '"outer"' in line][outer - 1])
+
+
 def latest_checkpoint(output_dir):
     checkpoints = ocp.CheckpointManager(os.path.abspath(os.path.join(output_dir, "checkpoints")))
     outer = checkpoints.latest_step()
