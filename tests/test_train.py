@@ -149,10 +149,11 @@ def accuracy(model, params, split) -> float:
     return float((predictions == split.labels).sum() / len(predictions))
 
 
-def test_end_to_end_synthetic_run_learns_and_writes_metrics_and_params(tmp_path):
+def test_end_to_end_synthetic_run_learns_and_writes_metrics_and_params(tmp_path, capsys):
     out = tmp_path / "run"
-    result = run_train([*SMALL, "--synthetic-examples", "500", "--inner-steps", "10", "--outer-steps", "5",
-                        "--optimiser", "adam", "--learning-rate", "0.05", "--output-dir", str(out), "--eval-test"])
+    command = [*SMALL, "--synthetic-examples", "500", "--inner-steps", "10", "--outer-steps", "5", "--optimiser",
+               "adam", "--learning-rate", "0.05", "--output-dir", str(out), "--eval-test"]
+    result = run_train(command)  # train.py as a command, in a process of its own
     header, records, summary = read_metrics(out)
     assert header["train_examples"] == 400 and header["validation_examples"] == 50
     assert header["examples_per_step"] == 3200 and header["devices"] == 8
@@ -193,13 +194,15 @@ def test_end_to_end_synthetic_run_learns_and_writes_metrics_and_params(tmp_path)
     np.testing.assert_array_equal(unpack_bits(best["validation_correct"], 50),
                                   predictions == splits["validation"].labels)
     assert header["validation_ids"] == [f"synthetic/{i}" for i in range(400, 450)]
-    # Run again, finished: nothing is trained or written, and the test accuracy is again the best params'.
+    # Run again (here, in this process), finished: nothing is trained or written, and the test accuracy is again
+    # the best params'.
     before = (out / "metrics.jsonl").read_text()
-    again = run_train([*SMALL, "--synthetic-examples", "500", "--inner-steps", "10", "--outer-steps", "5",
-                       "--optimiser", "adam", "--learning-rate", "0.05", "--output-dir", str(out), "--eval-test"])
-    assert "finished earlier" in again.stdout and (out / "metrics.jsonl").read_text() == before
+    capsys.readouterr()
+    train.main(command)
+    again = capsys.readouterr().out
+    assert "finished earlier" in again and (out / "metrics.jsonl").read_text() == before
     assert f"test accuracy of the best params (outer {summary['best']['outer']}): {summary['test_accuracy']:.4f}" \
-        in again.stdout
+        in again
 
 
 def test_compiled_and_python_inner_loops_agree(tmp_path):
@@ -214,8 +217,9 @@ def test_compiled_and_python_inner_loops_agree(tmp_path):
 
 def test_training_is_the_same_on_one_and_on_eight_devices(tmp_path):
     """4 updates of a 101-example batch (8 devices: padded), by LAMB and by Adam with the 8 dihedral forms
-    made on the devices (1 device, 808 images; 8 devices, 13 images each, 808 of 832 real), in two fresh
-    processes. (The optimisers see only the summed gradient: SGD's update is checked against optax, not here.)
+    made on the devices (1 device, 808 images; 8 devices, 13 images each, 808 of 832 real): on one device in a
+    fresh process, on eight in this one. (The optimisers see only the summed gradient: SGD's update is checked
+    against optax, not here.)
     The gradient chunks are the same partition on both layouts (an example each; an image's 8 forms each),
     so the noise scale is the same too."""
     runs = {"lamb": ["--optimiser", "lamb", "--no-augment", "--microbatch", "1"],
@@ -227,10 +231,10 @@ def test_training_is_the_same_on_one_and_on_eight_devices(tmp_path):
     args = [*SMALL, "--synthetic-examples", "126", "--inner-steps", "2", "--outer-steps", "2",
             "--inner-loop", "compiled", "--learning-rate", "0.05"]
     outputs = {devices: str(tmp_path / f"d{devices}-") for devices in (1, 8)}
-    for devices, prefix in outputs.items():
-        environment = device_env(devices, OUT=prefix, RUNS=json.dumps(runs))
-        subprocess.run([sys.executable, "-c", script, *args], env=environment, cwd=ROOT, check=True,
-                       capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-c", script, *args], env=device_env(1, OUT=outputs[1], RUNS=json.dumps(runs)),
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    for name, flags in runs.items():
+        train.main([*args, *flags, "--output-dir", outputs[8] + name])
     for name in runs:
         one, eight = (read_metrics(outputs[d] + name) for d in (1, 8))
         assert one[0]["devices"] == 1 and eight[0]["devices"] == 8
@@ -432,7 +436,8 @@ def test_the_inner_loop_compiles_once_not_again_when_its_output_comes_back(inner
     traces = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, seconds, **_: traces.append(name) if name == "/jax/core/compile/jaxpr_trace_duration" else None)
-    c = config.parse([*SMALL, "--synthetic-examples", "300", "--inner-steps", "1", "--inner-loop", inner_loop])
+    # 3 steps: the compiled program of test_compiled_and_python_inner_loops_agree, compiled once for both
+    c = config.parse([*SMALL, "--synthetic-examples", "300", "--inner-steps", "3", "--inner-loop", inner_loop])
     shared = train.Shared(c)
     programs, prepared = shared.programs_for(c), shared.prepared()
     state = train.start(c, prepared, programs, None, None)[0]
