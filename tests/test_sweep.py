@@ -59,7 +59,8 @@ def test_every_run_of_a_mixed_sweep_equals_the_same_run_through_train_py_with_on
     build_programs = train.build_programs
     monkeypatch.setattr(train, "build_programs", lambda config, prepared: built.append(config.optimiser) or
                         build_programs(config, prepared))
-    schedule = ["--schedule", "warmup_cosine", "--warmup-steps", "3"]
+    # The study's schedule over these 12 steps (test_study.py): the same two programs, compiled once for both
+    schedule = ["--schedule", "warmup_cosine", "--warmup-steps", "1"]
     sweep.run_sweep(*sweep.parse_args(["--optimisers", "lamb,sgd", "--lamb-rates", "0.01", "--lamb-epsilons",
                                        "1e-6,1e-3", "--sgd-rates", "0.05", "--seeds", "1", "--weight-decays", "0.01",
                                        *schedule, "--output-dir", str(tmp_path / "sweep"), *FIXED]))
@@ -116,8 +117,9 @@ def test_single_value_forms_of_swept_flags_are_refused(tmp_path, flag, listed):
 def test_a_stop_signal_during_a_runs_last_outer_loop_stops_the_sweep_before_its_next_run(tmp_path, seeds):
     """Between two runs, or after the last (whose last compiled outer loop finished the sweep): 128 + signal."""
     out = tmp_path / "sweep"
+    # 3 steps: the compiled program of test_train.py's test_compiled_and_python_inner_loops_agree (not one more)
     argv = ["--optimisers", "lamb", "--learning-rates", "0.01", "--seeds", seeds, "--output-dir", str(out), *FIXED,
-            "--outer-steps", "1", "--inner-loop", "compiled"]
+            "--inner-steps", "3", "--outer-steps", "1", "--inner-loop", "compiled"]
     process = subprocess.Popen([sys.executable, "sweep.py", *argv], env=device_env(), cwd=ROOT, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = out / "lamb-lr0.01-wd0-eps3.125e-08-constant-s0" / "metrics.jsonl"
