@@ -100,9 +100,10 @@ def test_a_scheduled_run_cannot_change_its_length_on_resume(tmp_path, capsys, un
     assert "--outer-steps 10 -> 12" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_leaves_a_checkpoint_that_resumes_to_the_uninterrupted_result(tmp_path, signum, request,
-                                                                                     capsys):
+def test_a_stop_signal_leaves_a_checkpoint_that_resumes_to_the_uninterrupted_result(tmp_path, request, capsys):
+    """SIGTERM here; a stop by SIGINT, which takes the same path, is checked as far as its checkpoint in
+    test_sigterms_after_the_clean_stop_are_ignored_to_the_very_end (one process for both)."""
+    signum = signal.SIGTERM
     args = [*INTERRUPTED, "--output-dir", str(tmp_path / "stopped")]
     process = start_train(args)
     wait_for_records(tmp_path / "stopped", 2, process)
@@ -116,8 +117,6 @@ def test_a_stop_signal_leaves_a_checkpoint_that_resumes_to_the_uninterrupted_res
     checkpointed = latest_checkpoint(tmp_path / "stopped")[0]
     assert 2 <= checkpointed < 10 and f"checkpoint after outer loop {checkpointed} " in last
     assert (tmp_path / "stopped" / "curves.png").exists()  # drawn as the stopped run's log closed
-    if signum == signal.SIGINT:
-        return  # the same path as SIGTERM; the resume below is checked once
     capsys.readouterr()
     train.main(args)  # resumed in this process (no new one to start), as the uninterrupted run was made
     assert f"resuming after outer loop {checkpointed}" in capsys.readouterr().out
@@ -325,11 +324,14 @@ def test_a_second_signal_stops_at_once_even_inside_a_compiled_outer_loop(tmp_pat
 
 def test_sigterms_after_the_clean_stop_are_ignored_to_the_very_end(tmp_path):
     """A pod's late SIGTERMs while the stopped process leaves: Python's teardown puts its handlers back to the
-    defaults, so the process must not depend on one in its last second (it ends 130, never killed by -15)."""
+    defaults, so the process must not depend on one in its last second (it ends 130, never killed by -15).
+    Before that, the stop by SIGINT itself: the line it ends with and the checkpoint it leaves."""
     process = start_train([*RUN, "--inner-steps", "2", "--outer-steps", "50", "--output-dir", str(tmp_path)])
-    wait_for_records(tmp_path, 1, process)
+    wait_for_records(tmp_path, 2, process)
     process.send_signal(signal.SIGINT)
+    before = []
     for line in process.stderr:
+        before.append(line)
         if line.startswith("train.py: stopped by SIGINT"):
             break
     while process.poll() is None:  # one every few milliseconds until it has gone
@@ -339,8 +341,14 @@ def test_sigterms_after_the_clean_stop_are_ignored_to_the_very_end(tmp_path):
             break
         time.sleep(0.005)
     rest = process.stderr.read()
-    assert process.wait(timeout=120) == 128 + signal.SIGINT, rest[-2000:]
-    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest[-2000:]
+    stderr = "".join(before) + rest
+    assert process.wait(timeout=120) == 128 + signal.SIGINT, stderr[-2000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-2000:]
+    last = [line for line in stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("train.py: stopped by SIGINT during outer loop ")
+    assert "resumes it (run the same command)" in last
+    checkpointed = latest_checkpoint(tmp_path)[0]
+    assert 2 <= checkpointed < 50 and f"checkpoint after outer loop {checkpointed} " in last
     assert (tmp_path / "curves.png").exists()  # drawn as the stopped run's log closed
     # (A Ctrl-C there ends the process at once: test_after_a_clean_stop_... below, with no training.)
 
