@@ -158,16 +158,15 @@ def test_the_gradient_penalty_s_gradient_against_finite_differences_and_on_one_a
     batch = (split.images[None], split.labels[None], np.ones((1, 16), np.float32))
     loss_one, grads_one, _ = one(flax.jax_utils.replicate(state, one_device), *batch)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, np.asarray(b[0]), rtol=1e-4, atol=1e-7), grads, grads_one)
-    plain = optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": params}, split.images),
-                                                            split.labels).mean()
+    plain, plain_grads = jax.jit(jax.value_and_grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p}, split.images), split.labels).mean()))(params)
     np.testing.assert_allclose(float(loss[0]), float(plain), rtol=1e-5)  # the loss reported is the plain one
-    plain_grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        model.apply({"params": p}, split.images), split.labels).mean())(params)
     difference = np.sqrt(sum(np.sum((a - np.asarray(b)) ** 2) for a, b in zip(jax.tree.leaves(grads),
                                                                               jax.tree.leaves(plain_grads))))
     assert difference > 0.1 * np.sqrt(sum(np.sum(np.asarray(g) ** 2) for g in jax.tree.leaves(plain_grads)))
-    objective = functools.partial(penalised_objective, model=model, images=split.images, labels=split.labels,
-                                  penalty=penalty, block=block)
+    # One compiled program, evaluated six times below (op by op, its eight block gradients took seconds each time).
+    objective = jax.jit(functools.partial(penalised_objective, model=model, images=split.images, labels=split.labels,
+                                          penalty=penalty, block=block))
     rng = np.random.default_rng(0)
     for _ in range(3):
         direction = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
@@ -253,14 +252,17 @@ def test_the_penalty_counts_real_examples_only_and_its_loss_is_smoothed_inside_t
     examples) and label smoothing (in the loss and in the blocks' gradients)."""
     split, model, params = problem(8, seed=2)
     mask = np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32)  # the second block of 4 holds 2 real examples
-    got_total, got_plain = steps.penalised_loss_sum(params, model.apply, split.images, split.labels, mask, 0.2, 3.0, 4)
+    # Each side compiled whole: op by op, double backpropagation compiled hundreds of programs.
+    penalised = jax.jit(steps.penalised_loss_sum, static_argnums=(1, 5, 7))  # the model, smoothing and block
+    got_total, got_plain = penalised(params, model.apply, split.images, split.labels, mask, 0.2, 3.0, 4)
 
     def smoothed_sum(p, x, y):
         log_softmax = jax.nn.log_softmax(model.apply({"params": p}, x))
         return -(((1 - 0.2) * jax.nn.one_hot(y, 10) + 0.2 / 10) * log_softmax).sum()
-    plain = smoothed_sum(params, split.images[:6], split.labels[:6])
-    squares = [sum(jnp.sum(g ** 2) for g in jax.tree.leaves(jax.grad(lambda p: smoothed_sum(p, x, y) / len(y))(
-        params))) for x, y in [(split.images[:4], split.labels[:4]), (split.images[4:6], split.labels[4:6])]]
+    plain = jax.jit(smoothed_sum)(params, split.images[:6], split.labels[:6])
+    block_gradient = jax.jit(jax.grad(lambda p, x, y: smoothed_sum(p, x, y) / len(y)))
+    squares = [sum(jnp.sum(g ** 2) for g in jax.tree.leaves(block_gradient(params, x, y)))
+               for x, y in [(split.images[:4], split.labels[:4]), (split.images[4:6], split.labels[4:6])]]
     np.testing.assert_allclose(float(got_plain), float(plain), rtol=1e-5)
     np.testing.assert_allclose(float(got_total), float(plain + 3.0 * 4 / 2 * sum(squares)), rtol=1e-4)
 
