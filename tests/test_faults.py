@@ -219,9 +219,36 @@ def test_processes_signalled_at_different_moments_stop_together_after_the_same_o
         assert 0 < steps_done < inner, lasts[0]
 
 
-def test_a_resumed_run_recomputes_the_target_from_its_records(tmp_path):
+# A run of 2 outer loops that three tests below start from (each works on a copy): made once, watching when
+# its checkpoints are saved.
+TWO_OUTER_LOOPS = [*RUN, "--outer-steps", "2", "--target-accuracy", "0.01"]
+
+
+@pytest.fixture(scope="module")
+def two_outer_loops(tmp_path_factory):
+    """(its folder, (outer loop, whether curves.png existed) at each checkpoint save)."""
+    output_dir, seen, save = tmp_path_factory.mktemp("two-outer-loops"), [], checkpoint.save
+
+    def watched_save(checkpoints, state, best_params, progress, accuracy):
+        seen.append((progress["outer"], (output_dir / "curves.png").exists()))
+        return save(checkpoints, state, best_params, progress, accuracy)
+    checkpoint.save = watched_save
+    try:
+        train.main([*TWO_OUTER_LOOPS, "--output-dir", str(output_dir)])
+    finally:
+        checkpoint.save = save
+    return output_dir, seen
+
+
+def test_a_finished_runs_curves_are_drawn_before_its_last_checkpoint(two_outer_loops):
+    """A finished run is never trained again, so its picture must be complete before the checkpoint that
+    marks it finished (a process killed after that checkpoint would otherwise leave none)."""
+    assert two_outer_loops[1] == [(1, False), (2, True)]
+
+
+def test_a_resumed_run_recomputes_the_target_from_its_records(tmp_path, two_outer_loops):
     """--target-accuracy is a reporting setting: a resume that asks for another must not report the old one."""
-    train.main([*RUN, "--outer-steps", "2", "--target-accuracy", "0.01", "--output-dir", str(tmp_path)])
+    shutil.copytree(two_outer_loops[0], tmp_path, dirs_exist_ok=True)  # its target: 0.01
     assert read_metrics(tmp_path)[2]["target"]["outer"] == 1
     train.main([*RUN, "--outer-steps", "3", "--target-accuracy", "0.999", "--output-dir", str(tmp_path)])
     header, records, summary = read_metrics(tmp_path)
@@ -234,6 +261,22 @@ def test_a_resumed_run_recomputes_the_target_from_its_records(tmp_path):
     shutil.copy(tmp_path / "metrics.jsonl", tmp_path / "extended.metrics.jsonl")
     (run,) = report.load_runs(str(tmp_path))
     assert run["config"]["outer_steps"] == 3 and run["config"]["target_accuracy"] == 0.999
+
+
+def test_a_folder_whose_checkpoints_are_gone_keeps_its_metrics_aside_and_trains_afresh(tmp_path, capsys,
+                                                                                        two_outer_loops):
+    """Its metrics.jsonl holds a run (checkpoints deleted, or a kill between an outer loop's record and its
+    checkpoint): the run starts over, and the old records are kept in a file of their own, not written over."""
+    shutil.copytree(two_outer_loops[0], tmp_path, dirs_exist_ok=True)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    shutil.rmtree(tmp_path / "checkpoints")
+    capsys.readouterr()
+    train.main([*TWO_OUTER_LOOPS, "--output-dir", str(tmp_path)])
+    (kept,) = tmp_path.glob("metrics.jsonl.*.old")
+    assert kept.read_text() == before
+    assert f"holds the metrics of a run but no checkpoint to resume it from: they are kept as {kept.name}, and the " \
+           "run starts afresh" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(tmp_path)[1]] == [3, 6] and "resumed_after_outer" not in before
 
 
 def test_rerunning_a_finished_run_changes_nothing(tmp_path, capsys):
@@ -372,19 +415,6 @@ def test_a_stopped_process_runs_its_exit_functions_then_ends_without_pythons_tea
     assert result.stderr == "train.py: stopped by SIGINT during outer loop 1\n"
 
 
-def test_a_finished_runs_curves_are_drawn_before_its_last_checkpoint(tmp_path, monkeypatch):
-    """A finished run is never trained again, so its picture must be complete before the checkpoint that
-    marks it finished (a process killed after that checkpoint would otherwise leave none)."""
-    seen, save = [], checkpoint.save
-
-    def watched_save(checkpoints, state, best_params, progress, accuracy):
-        seen.append((progress["outer"], (tmp_path / "curves.png").exists()))
-        return save(checkpoints, state, best_params, progress, accuracy)
-    monkeypatch.setattr(checkpoint, "save", watched_save)
-    train.main([*RUN, "--outer-steps", "2", "--output-dir", str(tmp_path)])
-    assert seen == [(1, False), (2, True)]
-
-
 @pytest.mark.parametrize("signalled", [True, False])
 def test_after_a_clean_stop_a_late_sigterm_is_ignored_and_a_ctrl_c_exits_130_at_once(signalled):
     """What the watcher does once the work is saved, in a process that got the first signal itself and in one
@@ -506,22 +536,6 @@ def test_a_signal_during_the_last_compiled_outer_loop_still_exits_128_plus_signa
         "train.py: stopped by SIGTERM during the last outer loop, which completed the run: its checkpoint and "
         "summary are written, nothing is left to resume")
     assert read_metrics(tmp_path)[2] is not None and latest_checkpoint(tmp_path)[0] == 1
-
-
-def test_a_folder_whose_checkpoints_are_gone_keeps_its_metrics_aside_and_trains_afresh(tmp_path, capsys):
-    """Its metrics.jsonl holds a run (checkpoints deleted, or a kill between an outer loop's record and its
-    checkpoint): the run starts over, and the old records are kept in a file of their own, not written over."""
-    args = [*RUN, "--outer-steps", "2", "--output-dir", str(tmp_path)]
-    train.main(args)
-    before = (tmp_path / "metrics.jsonl").read_text()
-    shutil.rmtree(tmp_path / "checkpoints")
-    capsys.readouterr()
-    train.main(args)
-    (kept,) = tmp_path.glob("metrics.jsonl.*.old")
-    assert kept.read_text() == before
-    assert f"holds the metrics of a run but no checkpoint to resume it from: they are kept as {kept.name}, and the " \
-           "run starts afresh" in capsys.readouterr().out
-    assert [r["step"] for r in read_metrics(tmp_path)[1]] == [3, 6] and "resumed_after_outer" not in before
 
 
 def test_a_drawn_batch_run_is_not_resumed_on_another_device_layout(tmp_path, capsys):

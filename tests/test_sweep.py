@@ -20,10 +20,22 @@ from helpers import SMALL, device_env, make_folder, read_metrics, wait_for_recor
 FIXED = [*SMALL, "--synthetic-examples", "300", "--inner-steps", "4", "--outer-steps", "3", "--target-accuracy", "0.3"]
 
 
-def test_a_tiny_sweep_ranks_runs_marks_divergence_and_resumes(tmp_path, capsys):
+# A tiny sweep that two tests below start from (each works on a copy): made once.
+TINY = ["--optimisers", "adam,sgd", "--learning-rates", "0.02,1e8", *FIXED]
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    """(its folder, its rows and summary)."""
+    out = tmp_path_factory.mktemp("tiny-sweep")
+    return out, *sweep.run_sweep(*sweep.parse_args([*TINY, "--output-dir", str(out)]))
+
+
+def test_a_tiny_sweep_ranks_runs_marks_divergence_and_resumes(tmp_path, capsys, tiny_sweep):
     out = tmp_path / "sweep"
-    argv = ["--optimisers", "adam,sgd", "--learning-rates", "0.02,1e8", "--output-dir", str(out), *FIXED]
-    rows, summary = sweep.run_sweep(*sweep.parse_args(argv))
+    shutil.copytree(tiny_sweep[0], out)
+    argv = [*TINY, "--output-dir", str(out)]
+    rows, summary = tiny_sweep[1:]
     names = {"adam-lr0.02-wd0-constant-s0", "adam-lr1e+08-wd0-constant-s0",
              "sgd-lr0.02-m0.9-constant-s0", "sgd-lr1e+08-m0.9-constant-s0"}
     assert {r["run"] for r in rows} == names
@@ -49,6 +61,23 @@ def test_a_tiny_sweep_ranks_runs_marks_divergence_and_resumes(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("finished earlier, skipped") + printed.count("ended earlier (diverged or crashed)") == 4
     assert stamps == {n: os.path.getmtime(out / n / "metrics.jsonl") for n in names}
+
+
+def test_a_sweep_rerun_with_other_fixed_flags_refuses_its_finished_and_diverged_runs(tmp_path, capsys, tiny_sweep):
+    """Run names encode only the swept values: results of another definition must never pass for this one."""
+    out = str(tmp_path / "sweep")
+    shutil.copytree(tiny_sweep[0], out)  # holds the SGD runs of this grid: one finished, one diverged
+    assert [r["status"] for r in sweep.leaderboard_rows(sweep.grid_points(*sweep.parse_args(
+        ["--optimisers", "sgd", "--learning-rates", "0.02,1e8", "--output-dir", out, *FIXED])))] == ["ok", "diverged"]
+    for rate in ("0.02", "1e8"):  # a finished run, then a diverged one
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            sweep.main(["--optimisers", "sgd", "--learning-rates", rate, "--output-dir", out, *FIXED,
+                        "--inner-steps", "5"])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("sweep.py: error:")
+        assert "holds the metrics of a different run (--inner-steps 4 -> 5)" in error and "\n" not in error
 
 
 def test_every_run_of_a_mixed_sweep_equals_the_same_run_through_train_py_with_one_compile_per_optimiser(
@@ -86,23 +115,6 @@ def test_each_optimiser_may_have_its_own_rates(tmp_path):
         "lamb-lr0.001-wd0-eps3.125e-08-constant-s0", "lamb-lr0.001-wd0-eps3.125e-08-constant-s1",
         "sgd-lr0.1-m0.9-constant-s0",
         "sgd-lr0.1-m0.9-constant-s1", "sgd-lr0.3-m0.9-constant-s0", "sgd-lr0.3-m0.9-constant-s1"]
-
-
-def test_a_sweep_rerun_with_other_fixed_flags_refuses_its_finished_and_diverged_runs(tmp_path, capsys):
-    """Run names encode only the swept values: results of another definition must never pass for this one."""
-    out = str(tmp_path / "sweep")
-    sweep.main(["--optimisers", "sgd", "--learning-rates", "0.02,1e8", "--output-dir", out, *FIXED])
-    assert [r["status"] for r in sweep.leaderboard_rows(sweep.grid_points(*sweep.parse_args(
-        ["--optimisers", "sgd", "--learning-rates", "0.02,1e8", "--output-dir", out, *FIXED])))] == ["ok", "diverged"]
-    for rate in ("0.02", "1e8"):  # a finished run, then a diverged one
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_info:
-            sweep.main(["--optimisers", "sgd", "--learning-rates", rate, "--output-dir", out, *FIXED,
-                        "--inner-steps", "5"])
-        assert exit_info.value.code == 2
-        error = capsys.readouterr().err.strip()
-        assert error.startswith("sweep.py: error:")
-        assert "holds the metrics of a different run (--inner-steps 4 -> 5)" in error and "\n" not in error
 
 
 @pytest.mark.parametrize("flag,listed", [
