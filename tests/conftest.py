@@ -4,6 +4,8 @@ import shutil
 import sys
 import tempfile
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -19,6 +21,21 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 import xla_setup  # noqa: E402,F401
 
 SHARED_EUROSAT = os.path.join(ROOT, "..", "shared", "eurosat", "EuroSAT_RGB")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "draws_curves: the test's runs in this process draw curves.png as train.py "
+                                       "does (without it, they skip the drawing)")
+
+
+@pytest.fixture(autouse=True)
+def curves_only_where_looked_at(request, monkeypatch):
+    """A run's curves.png is about a second of matplotlib (a third of a short run in this process, and the
+    suite makes dozens): runs in the tests' own processes skip it, except in tests marked draws_curves, which
+    look at it. Runs in processes of their own (start_train, run_train, sweep.py) draw it as always."""
+    if request.node.get_closest_marker("draws_curves") is None:
+        import metrics
+        monkeypatch.setattr(metrics, "write_curves", lambda path, records, config: None)
 
 
 def pytest_sessionfinish(session):

@@ -220,7 +220,8 @@ def test_processes_signalled_at_different_moments_stop_together_after_the_same_o
 
 
 # A run of 2 outer loops that three tests below start from (each works on a copy): made once, watching when
-# its checkpoints are saved.
+# its checkpoints are saved. (A module fixture is made before any test's own fixtures, so this run draws its
+# curves.png whichever test asks for it first: see conftest.curves_only_where_looked_at.)
 TWO_OUTER_LOOPS = [*RUN, "--outer-steps", "2", "--target-accuracy", "0.01"]
 
 
@@ -240,6 +241,7 @@ def two_outer_loops(tmp_path_factory):
     return output_dir, seen
 
 
+@pytest.mark.draws_curves
 def test_a_finished_runs_curves_are_drawn_before_its_last_checkpoint(two_outer_loops):
     """A finished run is never trained again, so its picture must be complete before the checkpoint that
     marks it finished (a process killed after that checkpoint would otherwise leave none)."""
@@ -321,6 +323,7 @@ def test_a_checkpoint_of_another_image_folder_is_refused_and_the_same_images_els
     assert "resuming after outer loop 1" in capsys.readouterr().out
 
 
+@pytest.mark.draws_curves
 def test_an_update_that_blows_up_the_params_is_caught_in_its_own_outer_loop(tmp_path, capsys):
     """The loss checked is the one before the last update, so divergence shows in the logits after it: the
     outer loop whose update blew up is never recorded or kept as the best. (In this process: the exit code and
