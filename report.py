@@ -574,9 +574,14 @@ def regularisers_block(runs: list[dict], folder: str) -> list[str]:
         # it, is what the average alone would have given (its raw params follow the plain run's path, to rounding).
         averaged = [max(r["ema_validation_accuracy"] for r in m["records"]) for m in measured
                     if all("ema_validation_accuracy" in r for r in m["records"])]
+        # How much the accuracy swings from check to check once learning has slowed: the second half's lowest
+        # and highest (an average's own), the median of each over seeds.
+        halves = [[own_accuracy(r) for r in m["records"][len(m["records"]) // 2:]] for m in measured]
         rows.append([optimiser, f"{rate:g}", options, f"{statistics.median(accuracies):.4f}",
                      f"{min(accuracies):.4f} - {max(accuracies):.4f}",
                      f"{statistics.median(averaged):.4f}" if averaged else "",
+                     f"{statistics.median(map(min, halves)):.3f} - {statistics.median(map(max, halves)):.3f}"
+                     if halves else "",
                      f"{statistics.median(b['train_accuracy'] - b['validation_accuracy'] for b in bests):+.3f}"
                      if bests else "", f"{statistics.median(steps):g}" if all(s is not None for s in steps) else
                      f"{sum(s is not None for s in steps)}/{len(steps)} seeds",
@@ -586,21 +591,29 @@ def regularisers_block(runs: list[dict], folder: str) -> list[str]:
         curves[f"{optimiser} lr {rate:g}, {options}"] = measured
     lines = [f"{scale_text(described(runs))}", "", table(
         ["optimiser", "rate", "regularisers", "median best val. acc.", "min - max over seeds",
-         "the average's own best (median)", "train - val. acc. there (median)", f"median steps to {target}",
+         "the average's own best (median)", "second half's val. acc., min - max (median; an average's own)",
+         "train - val. acc. there (median)", f"median steps to {target}",
          "s per step (median)", "seeds"], rows)]
     draw_regularisers(os.path.join(folder, "regularisers.png"), curves)
-    return lines + ["", f"![validation accuracy against step, median over seeds]({folder}/regularisers.png)"]
+    return lines + ["", f"![validation accuracy against step (an average's own), median over seeds]({folder}/"
+                        "regularisers.png)"]
+
+
+def own_accuracy(record: dict) -> float:
+    """The validation accuracy of the params a run trains, or of their average where it keeps one."""
+    return record.get("ema_validation_accuracy", record["validation_accuracy"])
 
 
 def draw_regularisers(path: str, curves: dict[str, list[dict]]) -> None:
-    """Validation accuracy against step, the median over seeds of each setting, LAMB's and Adam's side by side."""
+    """Validation accuracy against step (an average's own where a run keeps one), the median over seeds of each
+    setting, LAMB's and Adam's side by side."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
     for label, members in curves.items():
         steps = sorted({r["step"] for m in members for r in m["records"]})
-        medians = [statistics.median(r["validation_accuracy"] for m in members for r in m["records"]
+        medians = [statistics.median(own_accuracy(r) for m in members for r in m["records"]
                                      if r["step"] == step) for step in steps]
         if not members:
             continue
