@@ -107,6 +107,16 @@ def test_the_plan_runs_lamb_at_the_default_epsilon_and_again_at_optaxs():
     assert {c.schedule for c in lambs} == {"warmup_cosine"}
 
 
+def test_the_plan_ends_with_the_recommended_average_after_the_blog_s_own_runs():
+    import config
+    base = study.parse_args(["--pack", "p.jsonl", "--output-dir", "runs", *FIXED])[1]
+    last = study.planned(base, study.PLAN[-1])
+    assert "winner_seeds" in study.PLAN[-2]  # the runs that answer the blog's question come first
+    assert not any(e.get("ema") for e in study.PLAN[:-1])
+    assert (last.optimiser, last.learning_rate, last.ema, last.schedule) == ("lamb", 1e-2, 0.99, "warmup_cosine")
+    assert round(1 / (1 - last.ema)) == config.Config().inner_steps  # the average spans one outer loop
+
+
 @pytest.mark.parametrize("flag", ["--seed", "--learning-rate", "--schedule", "--weight-decay", "--optimiser"])
 def test_what_the_plan_sets_for_each_run_is_refused_on_the_command_line(tmp_path, capsys, flag):
     value = {"--schedule": "warmup_linear", "--optimiser": "adam"}.get(flag, "0.5" if flag != "--seed" else "5")
