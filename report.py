@@ -363,7 +363,10 @@ def study_block(runs: list[dict], folder: str) -> list[str]:
         figures = per_image(run) or {}
         reach = {t: next((r for r in run["records"] if r["validation_accuracy"] >= t), None) for t in (0.9, 0.95)}
         speed = statistics.median(r["images_per_second"] for r in run["records"][1:] or run["records"])
-        rows.append([run["name"], len(run["records"]), f"{run['best']:.4f}" + (
+        averaged = [r["ema_validation_accuracy"] for r in run["records"] if "ema_validation_accuracy" in r]
+        name = run["name"] + (f" (each check the better of its params and their average; the average alone: best "
+                              f"{max(averaged):.4f}, last {averaged[-1]:.4f})" if averaged else "")
+        rows.append([name, len(run["records"]), f"{run['best']:.4f}" + (
                      " ({:.3f} - {:.3f})".format(*figures["interval"]) if figures else ""),
                      "{:.4f} ({:.3f} - {:.3f})".format(figures["last"], *figures["last_interval"]) if figures else "",
                      f"{figures['host_zero']:.2f}" if figures.get("host_zero") is not None else "",
@@ -574,14 +577,12 @@ def regularisers_block(runs: list[dict], folder: str) -> list[str]:
         # it, is what the average alone would have given (its raw params follow the plain run's path, to rounding).
         averaged = [max(r["ema_validation_accuracy"] for r in m["records"]) for m in measured
                     if all("ema_validation_accuracy" in r for r in m["records"])]
-        # How much the accuracy swings from check to check once learning has slowed: the second half's lowest
-        # and highest (an average's own), the median of each over seeds.
-        halves = [[own_accuracy(r) for r in m["records"][len(m["records"]) // 2:]] for m in measured]
+        falls = [largest_fall(m) for m in measured if m["status"] == "ok"]  # a cut-off run has no second half
         rows.append([optimiser, f"{rate:g}", options, f"{statistics.median(accuracies):.4f}",
                      f"{min(accuracies):.4f} - {max(accuracies):.4f}",
-                     f"{statistics.median(averaged):.4f}" if averaged else "",
-                     f"{statistics.median(map(min, halves)):.3f} - {statistics.median(map(max, halves)):.3f}"
-                     if halves else "",
+                     (f"{statistics.median(averaged):.4f}" + (f" ({len(averaged)}/{len(measured)} seeds)"
+                                                               if len(averaged) < len(measured) else ""))
+                     if averaged else "", f"{statistics.median(falls):.3f}" if falls else "",
                      f"{statistics.median(b['train_accuracy'] - b['validation_accuracy'] for b in bests):+.3f}"
                      if bests else "", f"{statistics.median(steps):g}" if all(s is not None for s in steps) else
                      f"{sum(s is not None for s in steps)}/{len(steps)} seeds",
@@ -591,7 +592,7 @@ def regularisers_block(runs: list[dict], folder: str) -> list[str]:
         curves[f"{optimiser} lr {rate:g}, {options}"] = measured
     lines = [f"{scale_text(described(runs))}", "", table(
         ["optimiser", "rate", "regularisers", "median best val. acc.", "min - max over seeds",
-         "the average's own best (median)", "second half's val. acc., min - max (median; an average's own)",
+         "the average's own best (median)", "largest fall below the best so far, second half (median)",
          "train - val. acc. there (median)", f"median steps to {target}",
          "s per step (median)", "seeds"], rows)]
     draw_regularisers(os.path.join(folder, "regularisers.png"), curves)
@@ -602,6 +603,19 @@ def regularisers_block(runs: list[dict], folder: str) -> list[str]:
 def own_accuracy(record: dict) -> float:
     """The validation accuracy of the params a run trains, or of their average where it keeps one."""
     return record.get("ema_validation_accuracy", record["validation_accuracy"])
+
+
+def largest_fall(run: dict) -> float:
+    """How far validation accuracy (an average's own) swings down from check to check once learning has slowed:
+    the largest drop below the best of the checks before, over the checks in the second half of the run's steps
+    (a curve that only rises has none)."""
+    half = run["config"]["inner_steps"] * run["config"]["outer_steps"] / 2
+    best, fall = -math.inf, 0.0
+    for record in run["records"]:
+        if record["step"] > half:
+            fall = max(fall, best - own_accuracy(record))
+        best = max(best, own_accuracy(record))
+    return fall
 
 
 def draw_regularisers(path: str, curves: dict[str, list[dict]]) -> None:
@@ -709,11 +723,14 @@ def blocks(root: str) -> dict[str, tuple[str, list[str]]]:
     if batch_runs:
         made["batch"] = ("Steps to the target against batch size (reduced scale)",
                          batch_block(batch_runs, f"{root}/{BATCH}"))
-    for name, folder in (("regularisers", REGULARISED), ("regularisers-long", REGULARISED_LONG)):
-        regulariser_runs = load_runs(os.path.join(root, folder))
-        if regulariser_runs:
-            made[name] = ("Regularising a whole-set batch (reduced scale)",
-                          regularisers_block(regulariser_runs, f"{root}/{folder}"))
+    regulariser_runs = load_runs(os.path.join(root, REGULARISED))
+    if regulariser_runs:
+        made["regularisers"] = ("Regularising a whole-set batch (reduced scale)",
+                                regularisers_block(regulariser_runs, f"{root}/{REGULARISED}"))
+    long_runs = load_runs(os.path.join(root, REGULARISED_LONG))
+    made["regularisers-long"] = ("Regularising a whole-set batch over 300 steps (reduced scale)",
+                                 regularisers_block(long_runs, f"{root}/{REGULARISED_LONG}") if long_runs else
+                                 Placeholder([f"No runs under {root}/{REGULARISED_LONG} yet."]))
     critical_runs = load_runs(os.path.join(root, CRITICAL))
     if critical_runs:
         made["critical-batch"] = ("The critical batch on the full training set",
