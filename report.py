@@ -620,25 +620,28 @@ def largest_fall(run: dict) -> float:
 
 def draw_regularisers(path: str, curves: dict[str, list[dict]]) -> None:
     """Validation accuracy against step (an average's own where a run keeps one), the median over seeds of each
-    setting, LAMB's and Adam's side by side."""
+    setting, LAMB's and the other optimisers' side by side (a panel only for those that ran)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    panels = {}  # "LAMB" / "the others" -> [(label, steps, medians)]
     for label, members in curves.items():
+        if not members:
+            continue
         steps = sorted({r["step"] for m in members for r in m["records"]})
         medians = [statistics.median(own_accuracy(r) for m in members for r in m["records"]
                                      if r["step"] == step) for step in steps]
-        if not members:
-            continue
-        axis = axes[0] if label.startswith("lamb") else axes[1]
-        axis.plot(steps, medians, marker=".", label=label, linestyle="-" if label.endswith("none") else "--")
-    for axis, name in zip(axes, ("LAMB", "the others")):
-        axis.set(xlabel="step", title=f"{name}: validation accuracy, median over seeds")
+        panels.setdefault("LAMB" if label.startswith("lamb") else "the others", []).append((label, steps, medians))
+    names = [name for name in ("LAMB", "the others") if name in panels] or ["LAMB"]
+    figure, axes = plt.subplots(1, len(names), figsize=(7.5 * len(names), 4.8), sharey=True, squeeze=False)
+    for axis, name in zip(axes[0], names):
+        for label, steps, medians in panels.get(name, []):
+            axis.plot(steps, medians, marker=".", label=label, linestyle="-" if label.endswith("none") else "--")
+        axis.set(xlabel="step", title=f"{name}: validation accuracy (an average's own), median over seeds")
         axis.grid(alpha=0.3)
         if axis.get_lines():
             axis.legend(fontsize=7)
-    axes[0].set_ylabel("validation accuracy")
+    axes[0][0].set_ylabel("validation accuracy")
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
