@@ -573,16 +573,18 @@ def regularisers_block(runs: list[dict], folder: str) -> list[str]:
         accuracies = [b["validation_accuracy"] for b in bests] or [0.0]
         seconds = [statistics.median(r["inner_seconds"] / m["config"]["inner_steps"]
                                      for r in m["records"][1:] or m["records"]) for m in measured]
-        # An averaged run's best is the better of two evaluations at each check: the average's own best, beside
-        # it, is what the average alone would have given (its raw params follow the plain run's path, to rounding).
-        averaged = [max(r["ema_validation_accuracy"] for r in m["records"]) for m in measured
-                    if all("ema_validation_accuracy" in r for r in m["records"])]
+        # An averaged run's best is the better of two evaluations at each check: beside it, the average's own best
+        # and its trained weights' own, which follow the plain run's path bit for bit (the average does not feed
+        # back), so the two are a comparison within one run.
+        pairs = [(max(r["ema_validation_accuracy"] for r in m["records"]),
+                  max(r["raw_validation_accuracy"] for r in m["records"])) for m in measured
+                 if all("ema_validation_accuracy" in r for r in m["records"])]
         falls = [largest_fall(m) for m in measured if m["status"] == "ok"]  # a cut-off run has no second half
         rows.append([optimiser, f"{rate:g}", options, f"{statistics.median(accuracies):.4f}",
                      f"{min(accuracies):.4f} - {max(accuracies):.4f}",
-                     (f"{statistics.median(averaged):.4f}" + (f" ({len(averaged)}/{len(measured)} seeds)"
-                                                               if len(averaged) < len(measured) else ""))
-                     if averaged else "", f"{statistics.median(falls):.3f}" if falls else "",
+                     (f"{statistics.median(p[0] for p in pairs):.4f} / {statistics.median(p[1] for p in pairs):.4f}"
+                      + (f" ({len(pairs)}/{len(measured)} seeds)" if len(pairs) < len(measured) else ""))
+                     if pairs else "", f"{statistics.median(falls):.3f}" if falls else "",
                      f"{statistics.median(b['train_accuracy'] - b['validation_accuracy'] for b in bests):+.3f}"
                      if bests else "", f"{statistics.median(steps):g}" if all(s is not None for s in steps) else
                      f"{sum(s is not None for s in steps)}/{len(steps)} seeds",
@@ -592,7 +594,7 @@ def regularisers_block(runs: list[dict], folder: str) -> list[str]:
         curves[f"{optimiser} lr {rate:g}, {options}"] = measured
     lines = [f"{scale_text(described(runs))}", "", table(
         ["optimiser", "rate", "regularisers", "median best val. acc.", "min - max over seeds",
-         "the average's own best (median)", "largest fall below the best so far, second half (median)",
+         "the average's own best / its weights' (medians)", "largest fall below the best so far, second half (median)",
          "train - val. acc. there (median)", f"median steps to {target}",
          "s per step (median)", "seeds"], rows)]
     draw_regularisers(os.path.join(folder, "regularisers.png"), curves)
