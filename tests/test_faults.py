@@ -340,7 +340,7 @@ def test_an_update_that_blows_up_the_params_is_caught_in_its_own_outer_loop(tmp_
     assert [r["outer"] for r in records] == [1, 2] and records[-1].get("diverged")
     best_params = flax.serialization.msgpack_restore((tmp_path / "best_params.msgpack").read_bytes())
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(best_params))
-    model = ConvNet(channels=(8, 16), dense=16)
+    model = ConvNet(channels=(8, 16), dense=16, conv=header["conv"])  # the run's formulation: its rounding
     validation = data.load_synthetic("validation", 300, 16, 0, 1)
     predictions = np.argmax(np.asarray(model.apply({"params": best_params}, validation.images)), -1)
     assert (predictions == validation.labels).sum() / len(predictions) == records[0]["validation_accuracy"]

@@ -65,7 +65,7 @@ def test_an_averaged_run_records_both_and_keeps_the_better_and_resumes_bit_exact
     best = max(whole, key=lambda r: r["validation_accuracy"])
     assert summary["best"]["params"] == best["params"] and summary_parts["test_accuracy"] == summary["test_accuracy"]
     # The best params file holds the chosen params of the best outer loop: its validation accuracy recounted.
-    model = ConvNet(channels=(8, 16), dense=16)
+    model = ConvNet(channels=(8, 16), dense=16, conv=header["conv"])  # the run's formulation: its rounding
     template = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3), jnp.uint8))["params"]
     params = flax.serialization.from_bytes(template, (tmp_path / "whole" / "best_params.msgpack").read_bytes())
     validation = data.load_synthetic("validation", 300, 16, 0, 1)
