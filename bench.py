@@ -297,7 +297,7 @@ def time_variant(name, config, a, per_device, batch, check_images, reference_log
             step = jax.pmap(functools.partial(steps.step_agreeing_to_stop, **step_kwargs), axis_name=parallel.AXIS,
                             donate_argnums=0)
             zeros = np.zeros(jax.local_device_count(), np.int32)
-            no_sums = np.zeros((jax.local_device_count(), 2), np.float32)
+            no_sums = np.zeros((jax.local_device_count(), len(steps.SUMS)), np.float32)
             run_steps = python_loop(lambda state, *batch: step(state, *batch, zeros, no_sums, zeros)[:2], a.steps)
         else:
             run_steps = jax.pmap(functools.partial(steps.inner_loop, steps=a.steps, **step_kwargs),

@@ -12,13 +12,16 @@ from errors import UsageError, fail
 from model import CONVS as CONV_FORMULATIONS
 from model import DEFAULT_CHANNELS, DEFAULT_DENSE, INITIALISERS
 
-OPTIMISERS = ("lamb", "adam", "sgd")
-DEFAULT_LEARNING_RATES = {"lamb": 1e-2, "adam": 1e-3, "sgd": 1e-1}
+OPTIMISERS = ("lamb", "adam", "sgd", "muon", "lbfgs")
+BLOG_OPTIMISERS = OPTIMISERS[:3]  # the blog's comparison; muon and lbfgs came later (RESULTS.md section 11)
+# L-BFGS's rate scales the direction its line search searches along: 1 is optax's (the line search's own step).
+DEFAULT_LEARNING_RATES = {"lamb": 1e-2, "adam": 1e-3, "sgd": 1e-1, "muon": 2e-2, "lbfgs": 1.0}
 # Epsilon is LAMB's and Adam's only (SGD has none). LAMB's is the original's effective one, optax's 1e-6 over
 # the 32 devices whose per-device mean gradients it summed: the best at reduced scale (RESULTS.md, section 7).
 # Adam keeps optax's 1e-8: the same division (3e-10) was no better there.
-DEFAULT_EPSILONS = {"lamb": 1e-6 / 32, "adam": 1e-8, "sgd": None}
-OPTAX_EPSILONS = {"lamb": 1e-6, "adam": 1e-8, "sgd": None}
+DEFAULT_EPSILONS = {"lamb": 1e-6 / 32, "adam": 1e-8, "sgd": None, "muon": None, "lbfgs": None}
+OPTAX_EPSILONS = {"lamb": 1e-6, "adam": 1e-8, "sgd": None, "muon": None, "lbfgs": None}
+WITH_WEIGHT_DECAY = ("lamb", "adam", "muon")
 SCHEDULES = ("constant", "warmup_cosine", "warmup_linear")
 DATASETS = ("tfds", "folder", "synthetic")
 DTYPES = ("float32", "bfloat16")
@@ -39,6 +42,7 @@ class Config:
     ema: float = 0.0
     label_smoothing: float = 0.0
     lamb_exclude_biases: bool = False
+    lbfgs_memory: int = 10
     gradient_penalty: float = 0.0
     penalty_block: int = 32
     inner_steps: int = 100
@@ -75,7 +79,7 @@ class Config:
     def __post_init__(self):
         if self.learning_rate is None:
             object.__setattr__(self, "learning_rate", DEFAULT_LEARNING_RATES.get(self.optimiser))
-        if self.epsilon is None or self.optimiser == "sgd":
+        if self.epsilon is None or DEFAULT_EPSILONS.get(self.optimiser) is None:  # none of its own (parse refuses one)
             object.__setattr__(self, "epsilon", DEFAULT_EPSILONS.get(self.optimiser))
         object.__setattr__(self, "channels", tuple(self.channels))
 
@@ -84,7 +88,7 @@ class Config:
 # with two refinements there: outer_steps counts only when the schedule's shape depends on the run's
 # length, and a data folder counts by its contents, not by its path.
 RUN_DEFINITION = ("optimiser", "learning_rate", "weight_decay", "momentum", "epsilon", "schedule", "warmup_steps",
-                  "ema", "label_smoothing", "lamb_exclude_biases", "gradient_penalty", "penalty_block",
+                  "ema", "label_smoothing", "lamb_exclude_biases", "lbfgs_memory", "gradient_penalty", "penalty_block",
                   "inner_steps", "outer_steps", "batch_size", "seed", "dataset", "data_dir", "synthetic_examples",
                   "image_size", "train_examples", "no_augment", "channels", "dense", "initialiser", "dtype")
 # The regularisers of a whole-set batch (RESULTS.md section 9): off unless asked for; run names carry them then.
@@ -96,9 +100,9 @@ def defaults_before(definition: dict) -> dict:
     """What a run computed in the parts of its definition added after it was written (a definition saved
     without one means this value, so an older checkpoint, sweep or report still reads right): one
     initialiser, the whole set as the batch, optax's epsilons (LAMB's default has changed since), and none
-    of the regularisers."""
+    of the regularisers (and L-BFGS's default memory, which only an L-BFGS run uses)."""
     return {"initialiser": "flax", "batch_size": None, "epsilon": OPTAX_EPSILONS.get(definition.get("optimiser")),
-            **REGULARISERS}
+            "lbfgs_memory": 10, **REGULARISERS}
 
 
 # How it is computed, reported or kept: free to change on resume (other devices, hosts, conv formulation...).
@@ -125,12 +129,16 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p = parser("train.py", description)
     default = Config()
     add = p.add_argument
-    add("--optimiser", choices=OPTIMISERS, default=default.optimiser, help="optax optimiser")
+    add("--optimiser", choices=OPTIMISERS, default=default.optimiser,
+        help="optax optimiser: lamb, adam(w), sgd with momentum, muon (optax.contrib: orthogonalised momentum for "
+             "the kernels, AdamW for the biases), lbfgs (with its zoom line search; whole-set batch only)")
     add("--learning-rate", type=float, default=None,
-        help=f"peak learning rate; default per optimiser {DEFAULT_LEARNING_RATES}")
+        help=f"peak learning rate; default per optimiser {DEFAULT_LEARNING_RATES}; for lbfgs it scales the "
+             "direction its line search searches along (1: optax's, the line search's own step)")
     add("--weight-decay", type=float, default=default.weight_decay,
-        help="decoupled weight decay (lamb; adam becomes adamw)")
-    add("--momentum", type=float, default=default.momentum, help="sgd momentum")
+        help="decoupled weight decay (lamb; adam becomes adamw; muon: on the kernels, times the rate)")
+    add("--momentum", type=float, default=default.momentum,
+        help="sgd momentum (muon keeps optax's 0.95, lamb and adam their optax moments)")
     add("--epsilon", type=float, default=None,
         help=f"lamb's and adam's epsilon (added to the root of the second moment); default per optimiser "
              f"{DEFAULT_EPSILONS}: lamb's is the original's effective one (its psum of per-device mean gradients "
@@ -146,6 +154,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     add("--lamb-exclude-biases", action="store_true",
         help="lamb: biases take neither weight decay nor the trust ratio, as in LAMB's authors' code (optax's "
              "lamb applies both to every array)")
+    add("--lbfgs-memory", type=int, default=default.lbfgs_memory,
+        help="lbfgs: curvature pairs kept (optax's default 10)")
     add("--gradient-penalty", type=float, default=default.gradient_penalty,
         help="add this / 2 times the mean over blocks of --penalty-block examples of the squared norm of the "
              "block's mean-loss gradient (double backpropagation; about 3x the step's work; 0: none)")
@@ -217,9 +227,23 @@ def parse(argv=None, description: str | None = None) -> Config:
         namespace.channels = tuple(int(c) for c in namespace.channels.split(","))
     except ValueError:
         raise UsageError(f"--channels {namespace.channels!r} is not a comma-separated list of integers") from None
+    if namespace.epsilon is not None and DEFAULT_EPSILONS[namespace.optimiser] is None:  # Config would drop it
+        raise UsageError(f"--epsilon is LAMB's and Adam's; {namespace.optimiser} has none here: leave it out")
     config = Config(**vars(namespace))
     check(config)
     return config
+
+
+def check_line_search(c: Config) -> None:
+    """L-BFGS's line search evaluates the step's own loss along its direction and chooses the step itself."""
+    if c.batch_size:
+        raise UsageError("--batch-size: lbfgs takes the whole set as its batch (a line search on a batch drawn "
+                         "each step would search a different function at every step): leave it out")
+    if c.schedule != "constant":
+        raise UsageError(f"--schedule {c.schedule}: lbfgs's line search chooses each step's length (a schedule "
+                         "would rescale the step it found): leave it out")
+    if c.gradient_penalty:
+        raise UsageError("--gradient-penalty: lbfgs's line search evaluates the plain loss: leave it out")
 
 
 def check(config: Config) -> None:
@@ -256,11 +280,19 @@ def check(config: Config) -> None:
         raise UsageError("--penalty-block needs --gradient-penalty: leave it out, or add the penalty")
     # A flag the run would ignore must not be recorded as if it applied.
     if c.optimiser != "sgd" and c.momentum != Config.momentum:
-        raise UsageError(f"--momentum is SGD's; {c.optimiser} has none (its moments' decay rates are optax's "
-                         "defaults): leave it out, or use --optimiser sgd")
-    if c.optimiser == "sgd" and c.weight_decay:
-        raise UsageError("--weight-decay is LAMB's and Adam's (decoupled); sgd has none here: leave it out, or use "
-                         "--optimiser lamb or adam")
+        kept = ("Muon's momentum is optax's 0.95" if c.optimiser == "muon"
+                else "its moments' decay rates are optax's defaults")
+        raise UsageError(f"--momentum is SGD's; {c.optimiser} has none to set ({kept}): leave it out, or use "
+                         "--optimiser sgd")
+    if c.optimiser not in WITH_WEIGHT_DECAY and c.weight_decay:
+        raise UsageError(f"--weight-decay is LAMB's, Adam's and Muon's (decoupled); {c.optimiser} has none here: "
+                         "leave it out")
+    if c.lbfgs_memory <= 0:
+        raise UsageError(f"--lbfgs-memory must be positive, got {c.lbfgs_memory}")
+    if c.optimiser != "lbfgs" and c.lbfgs_memory != Config.lbfgs_memory:
+        raise UsageError(f"--lbfgs-memory is L-BFGS's; {c.optimiser} keeps no curvature pairs: leave it out")
+    if c.optimiser == "lbfgs":
+        check_line_search(c)
     if c.schedule == "constant" and c.warmup_steps:
         raise UsageError("--warmup-steps needs a warmup schedule: add --schedule warmup_cosine or warmup_linear, or "
                          "leave it out")

@@ -273,7 +273,8 @@ def unpack_bits(text: str, count: int) -> np.ndarray:
 def model_line(config, params: int, conv: str, inner_mode: str, microbatch: int, per_device: int) -> str:
     """What a run computes and how, on the console before its first step."""
     optimiser = f"{config.optimiser} lr {config.learning_rate:g}" + (
-        f" eps {config.epsilon:g}" if config.epsilon else "")
+        f" eps {config.epsilon:g}" if config.epsilon else "") + (
+        f" memory {config.lbfgs_memory}" if config.optimiser == "lbfgs" else "")
     return (f"model: {params:,} params ({config.initialiser} init), {config.dtype}; {optimiser} ({config.schedule}); "
             f"{conv} convs{', GELUs recomputed' if config.remat_gelu else ''}; inner loop {inner_mode}; "
             f"microbatch {microbatch} of {per_device} per device")
@@ -298,7 +299,9 @@ def outer_line(outer_steps: int, record: dict, best: dict, first: bool) -> str:
             + (f"(raw {record['raw_validation_accuracy']:.4f}, ema {record['ema_validation_accuracy']:.4f}) "
                if "ema_validation_accuracy" in record else "") +
             f"(best {best['validation_accuracy']:.4f} @ outer {best['outer']}) | lr {record['learning_rate']:.3g} "
-            f"grad {record['gradient_norm']:.3g} update/param {spread} | {record['inner_seconds']:.2f}s "
+            f"grad {record['gradient_norm']:.3g} update/param {spread} | "
+            + (f"{record['evaluations']:,} evaluations ({record['line_search_failures']} line searches short of a "
+               "decrease) | " if "evaluations" in record else "") + f"{record['inner_seconds']:.2f}s "
             f"{record['images_per_second']:,.0f} img/s | " + noise_text(record)
             + f"elapsed {record['elapsed_seconds']:.1f}s"
             + (" (includes compilation)" if first else ""))

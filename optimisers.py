@@ -1,5 +1,5 @@
-"""The optimisers (optax LAMB, AdamW, SGD with momentum) with their rates in the optimiser state, and the
-learning-rate schedules."""
+"""The optimisers (optax LAMB, AdamW, SGD with momentum, Muon, L-BFGS) with their rates in the optimiser state,
+and the learning-rate schedules."""
 from typing import NamedTuple
 
 import jax
@@ -29,6 +29,36 @@ def lamb_excluding_biases(learning_rate, weight_decay=0.0, eps=1e-6, b1=0.9, b2=
                        optax.scale_by_learning_rate(learning_rate))
 
 
+def muon_dimensions(params):
+    """Which arrays Muon orthogonalises, as which matrix: every conv and dense kernel (None: a bias, which
+    goes to Muon's AdamW part). A conv kernel (3, 3, in, out) maps each output pixel's 3x3 patch of `in`
+    channels to its `out` channels: as a matrix it is (3*3*in, out), the very matmul the patches conv
+    computes, so its reduction axes are all but the last (a per-tap split would orthogonalise 9 separate
+    (in, out) maps that only act together)."""
+    def spec(path, leaf):
+        if getattr(path[-1], "key", None) != "kernel":
+            return None
+        return optax.contrib.MuonDimensionNumbers(reduction_axis=tuple(range(leaf.ndim - 1)),
+                                                  output_axis=leaf.ndim - 1)
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def muon(learning_rate, weight_decay=0.0):
+    """optax's Muon on this net: Newton-Schulz-orthogonalised Nesterov momentum (optax's beta 0.95) for the
+    kernels, with decoupled weight decay times the rate on them; optax's AdamW (Nesterov, no decay) for the
+    biases, at the same rate."""
+    return optax.contrib.muon(learning_rate, weight_decay=weight_decay, muon_weight_dimension_numbers=muon_dimensions)
+
+
+def lbfgs_with_memory(memory_size: int):
+    """optax's L-BFGS with its zoom line search (optax's defaults), keeping `memory_size` curvature pairs. The
+    rate scales the direction the line search searches along: 1 is optax's own (the line search's step is
+    taken as found), another value only moves the line search's first trial step."""
+    def lbfgs(learning_rate):
+        return optax.lbfgs(learning_rate, memory_size=memory_size)
+    return lbfgs
+
+
 class AverageState(NamedTuple):
     average: optax.Params  # the exponential moving average of the parameters
 
@@ -47,19 +77,27 @@ def parameter_average(decay: float) -> optax.GradientTransformation:
 
 
 def make_optimiser(name: str, schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 1,
-                   lamb_exclude_biases: bool = False, ema: float = 0.0):
-    """optax lamb / adamw / sgd+momentum with every rate and coefficient in the optimiser state; with ema, a
-    moving average of the parameters kept there too (`averaged_params`).
+                   lamb_exclude_biases: bool = False, ema: float = 0.0, lbfgs_memory: int = 10):
+    """optax lamb / adamw / sgd+momentum / muon / lbfgs with every rate and coefficient in the optimiser
+    state; with ema, a moving average of the parameters kept there too (`averaged_params`).
 
     Holding them as state (inject_hyperparams), not constants, lets one compiled step serve every
     learning rate, weight decay, epsilon and momentum of a sweep. Set them with `with_hyperparams`.
+    L-BFGS's update needs the loss and the function its line search evaluates (steps.py passes them).
     """
     factory = {"lamb": lamb_excluding_biases if lamb_exclude_biases else optax.lamb, "adam": optax.adamw,
-               "sgd": optax.sgd}[name]
-    coefficient = {"sgd": {"momentum": 0.0}}.get(name, {"weight_decay": 0.0, "eps": 1.0})
+               "sgd": optax.sgd, "muon": muon, "lbfgs": lbfgs_with_memory(lbfgs_memory)}[name]
+    coefficient = {"sgd": {"momentum": 0.0}, "muon": {"weight_decay": 0.0}, "lbfgs": {}}.get(
+        name, {"weight_decay": 0.0, "eps": 1.0})
     base = optax.inject_hyperparams(factory)(learning_rate=0.0, **coefficient)
     links = [base, optax.scale_by_schedule(schedule_shape(schedule, warmup_steps, total_steps))]
     return optax.chain(*links, *([parameter_average(ema)] if ema else []))
+
+
+def line_search_info(opt_state):
+    """L-BFGS's last line search (optax.ZoomLinesearchInfo: its evaluations, its decrease error), or None."""
+    found = optax.tree_utils.tree_get(opt_state, "info", default=None)
+    return found if hasattr(found, "num_linesearch_steps") else None
 
 
 def averaged_params(state: TrainState):
@@ -85,4 +123,7 @@ def with_hyperparams(state: TrainState, config) -> TrainState:
 
 def create_state(model, optimiser, seed: int, image_shape) -> TrainState:
     params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_shape), jnp.uint8))["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=optimiser)
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=optimiser)
+    # Every leaf strongly typed, as the step returns it (L-BFGS's line search starts with weakly typed scalars),
+    # so the step compiles once, not again after its first update.
+    return state.replace(opt_state=jax.tree.map(lambda a: jnp.asarray(a, a.dtype), state.opt_state))

@@ -1,6 +1,7 @@
 """The step of the experiment, on every device: the loss and gradient of the global batch (summed chunk by
 chunk, all-reduced once), what the optimiser did, the gradient noise scale, and the inner loops (compiled,
 or a host loop of pmapped steps that stops with every process after the same step); and evaluation.
+L-BFGS's line search evaluates the same global loss, chunked and all-reduced the same way (whole_set_loss).
 train.py compiles these into a run's programs.
 """
 import jax
@@ -10,8 +11,14 @@ import optax
 from jax import lax
 
 import noise_scale
+from optimisers import line_search_info
 from parallel import AXIS
 from stopping import StopSignals
+
+# What an outer loop sums over its steps: the noise scale's two estimates, the loss evaluations (with their
+# gradients) the steps made: 1 a step, plus L-BFGS's line search's; and L-BFGS's line searches that found no
+# sufficient decrease.
+SUMS = ("noise_trace", "gradient_square", "evaluations", "line_search_failures")
 
 
 def summed_over_chunks(fn, arrays, chunk):
@@ -116,10 +123,56 @@ def loss_and_gradient(state, images, labels, mask, *, example_count, population,
     return loss, grads, noise_scale.estimates(terms, grads, example_count, population)
 
 
+def whole_set_loss(apply_fn, images, labels, mask, *, example_count, microbatch, label_smoothing=0.0, **_):
+    """The global mean loss as a function of the params, for L-BFGS's line search: this device's chunked sums,
+    all-reduced over every device of every host. Its gradient is the global one too, by a custom VJP whose
+    backward pass returns the all-reduced gradient the forward pass computed with the loss (differentiating
+    through `lax.psum` inside pmap gives each device a gradient of its own, which sends each device's line
+    search its own way until their all-reduces hang). So every device evaluates the same trial steps."""
+    def local_sums(params):
+        def chunk(x, y, m):
+            return jax.value_and_grad(loss_sum)(params, apply_fn, x, y, m, label_smoothing)
+        return summed_over_chunks(chunk, (images, labels, mask), microbatch)
+
+    def forward(params):
+        loss, grads = lax.psum(local_sums(params), AXIS)  # one all-reduce per evaluation
+        return loss / example_count, jax.tree.map(lambda g: g / example_count, grads)
+
+    @jax.custom_vjp
+    def value(params):
+        return forward(params)[0]
+
+    def backward(grads, cotangent):
+        return (jax.tree.map(lambda g: g * cotangent, grads),)
+    value.defvjp(forward, backward)
+    return value
+
+
+def apply_update(state, grads, loss, value_fn=None):
+    """The optimiser's update; L-BFGS's also takes the loss and the function its line search evaluates. Returns
+    (new state, [loss evaluations its line search made, 1 if it found no sufficient decrease])."""
+    if value_fn is None:
+        return state.apply_gradients(grads=grads), jnp.zeros(2, jnp.float32)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=loss, grad=grads,
+                                         value_fn=value_fn)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    info = line_search_info(opt_state)
+    return new_state, jnp.stack([info.num_linesearch_steps, info.decrease_error > 0]).astype(jnp.float32)
+
+
+def updated(state, images, labels, mask, line_search=False, **step_kwargs):
+    """loss_and_gradient, then the update: (new state, loss, gradient, the step's SUMS)."""
+    loss, grads, noise = loss_and_gradient(state, images, labels, mask, **step_kwargs)
+    value_fn = whole_set_loss(state.apply_fn, images, labels, mask, **step_kwargs) if line_search else None
+    new_state, searched = apply_update(state, grads, loss, value_fn)
+    return new_state, loss, grads, jnp.concatenate([noise, searched + jnp.array([1.0, 0.0])])
+
+
 def train_step(state, images, labels, mask, **step_kwargs):
     """One update with the gradient of the mean loss over the global batch; (new state, loss before it)."""
-    loss, grads, _ = loss_and_gradient(state, images, labels, mask, **step_kwargs)
-    return state.apply_gradients(grads=grads), loss
+    new_state, loss, *_ = updated(state, images, labels, mask, **step_kwargs)
+    return new_state, loss
 
 
 def optimiser_statistics(grads, params, new_params) -> dict:
@@ -134,19 +187,19 @@ def optimiser_statistics(grads, params, new_params) -> dict:
             "update_ratios": ratios}
 
 
-def observed_step(state, images, labels, mask, noise_sums, **step_kwargs):
+def observed_step(state, images, labels, mask, sums, **step_kwargs):
     """train_step, plus what the optimiser did (the same on every device: the gradient is all-reduced) and
-    `noise_sums` plus this step's (tr(Sigma), |G|^2) estimates: an outer loop sums them over its steps."""
-    loss, grads, noise = loss_and_gradient(state, images, labels, mask, **step_kwargs)
-    new_state = state.apply_gradients(grads=grads)
-    return new_state, loss, {**optimiser_statistics(grads, state.params, new_state.params),
-                             "noise_sums": noise_sums + noise}
+    `sums` plus this step's SUMS: an outer loop sums them over its steps, and its last step's say whether
+    L-BFGS's last line search fell short ("last_sums")."""
+    new_state, loss, grads, step_sums = updated(state, images, labels, mask, **step_kwargs)
+    return new_state, loss, {**optimiser_statistics(grads, state.params, new_state.params), "sums": sums + step_sums,
+                             "last_sums": step_sums}
 
 
-def step_agreeing_to_stop(state, images, labels, mask, seed, noise_sums, stop_signal, **step_kwargs):
+def step_agreeing_to_stop(state, images, labels, mask, seed, sums, stop_signal, **step_kwargs):
     """observed_step, plus the largest stop signal any process passed in: every process reads the same
     value after the same step, so all of them stop together."""
-    return (*observed_step(state, images, labels, mask, noise_sums, seed=seed, **step_kwargs),
+    return (*observed_step(state, images, labels, mask, sums, seed=seed, **step_kwargs),
             lax.pmax(stop_signal, AXIS))
 
 
@@ -156,8 +209,8 @@ def inner_loop(state, images, labels, mask, seed=0, *, steps, **step_kwargs):
     step_kwargs["seed"] = seed
 
     def body(_, carry):
-        return observed_step(carry[0], images, labels, mask, carry[2]["noise_sums"], **step_kwargs)
-    no_sums = jnp.zeros(2, jnp.float32)
+        return observed_step(carry[0], images, labels, mask, carry[2]["sums"], **step_kwargs)
+    no_sums = jnp.zeros(len(SUMS), jnp.float32)
     shapes = jax.eval_shape(lambda: observed_step(state, images, labels, mask, no_sums, **step_kwargs)[2])
     nothing_yet = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     return lax.fori_loop(0, steps, body, (state, jnp.zeros((), jnp.float32), nothing_yet))
@@ -182,14 +235,14 @@ def python_inner_loop(step, steps, state, *batch, seed, stop: StopSignals, on_st
     """The inner steps as a host loop of pmapped steps, or None when a stop signal came before they were
     all done (every process then stops after the same step). on_step() follows each finished step."""
     loss, statistics, agreed = None, None, None
-    noise_sums = np.zeros((jax.local_device_count(), 2), np.float32)
+    sums = np.zeros((jax.local_device_count(), len(SUMS)), np.float32)
     for number in range(steps):
         if jax.process_count() == 1 and stop.received:  # alone, no need to wait for an agreement
             stop.agreed, stop.steps_done = stop.received, number
             return None
         seeds = np.full(jax.local_device_count(), seed, np.int32)
-        state, next_loss, next_statistics, next_agreed = step(state, *batch, seeds, noise_sums, stop.flags())
-        noise_sums = next_statistics["noise_sums"]
+        state, next_loss, next_statistics, next_agreed = step(state, *batch, seeds, sums, stop.flags())
+        sums = next_statistics["sums"]
         if agreed is not None:
             if int(agreed[0]):  # waits for the step before: one step queued at most
                 next_loss.block_until_ready()  # every process launched this step; let it end everywhere

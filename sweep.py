@@ -27,7 +27,8 @@ import numpy as np
 
 import checkpoint
 import train
-from config import DEFAULT_EPSILONS, DEFAULT_LEARNING_RATES, OPTAX_EPSILONS, OPTIMISERS, Config, check, defaults_before
+from config import (BLOG_OPTIMISERS, DEFAULT_EPSILONS, DEFAULT_LEARNING_RATES, OPTAX_EPSILONS, OPTIMISERS,
+                    WITH_WEIGHT_DECAY, Config, check, defaults_before)
 from config import parse as parse_config
 from config import parser
 from errors import DataError, Diverged, Interrupted, PeerError, UsageError, exit_on_failure
@@ -37,9 +38,11 @@ from stopping import StopSignals
 # A sweep's list flag for each train.py flag it varies: the single-value form would be overwritten by the grid.
 SWEPT = {"--optimiser": "--optimisers", "--learning-rate": "--learning-rates (or --lamb-rates, ...)",
          "--seed": "--seeds", "--weight-decay": "--weight-decays", "--momentum": "--momenta",
-         "--epsilon": "--epsilons (or --lamb-epsilons, --adam-epsilons)", "--batch-size": "--batch-sizes"}
+         "--epsilon": "--epsilons (or --lamb-epsilons, --adam-epsilons)", "--batch-size": "--batch-sizes",
+         "--lbfgs-memory": "--lbfgs-memories"}
 WITH_EPSILON = ("lamb", "adam")
-COLUMNS = ["rank", "run", "optimiser", "learning_rate", "weight_decay", "momentum", "epsilon", "batch_size", "seed",
+COLUMNS = ["rank", "run", "optimiser", "learning_rate", "weight_decay", "momentum", "epsilon", "lbfgs_memory",
+           "batch_size", "seed",
            "schedule", "options", "status", "target_images",
            "best_validation_accuracy", "best_outer", "best_step", "target_step", "target_seconds", "final_loss"]
 
@@ -50,8 +53,10 @@ class Point(NamedTuple):
     config: Config
 
 
-# Each optimiser's rates when none are given: its default rate (config.py) and the rates a factor of 3 about it.
+# Each optimiser's rates when none are given: its default rate (config.py) and the rates a factor of 3 about it;
+# L-BFGS's line search chooses its step, so its one rate is optax's 1.
 DEFAULT_RATES = {name: f"{rate / 3:g},{rate:g},{rate * 3:g}" for name, rate in DEFAULT_LEARNING_RATES.items()}
+DEFAULT_RATES["lbfgs"] = "1"
 # What each list may hold, checked with the list's own flag named (the run's own check would name train.py's).
 LIST_CHECKS = {"seeds": (int, lambda v: True, "integers"),
                "weight_decays": (float, lambda v: 0 <= v < math.inf, ">= 0"),
@@ -82,15 +87,17 @@ def parse_list(text: str, flag: str, kind: str) -> list:
 
 def build_parser():
     p = parser("sweep.py", __doc__)  # no prefix matching: --weight-decay must not pass for --weight-decays
-    p.add_argument("--optimisers", default=",".join(OPTIMISERS), help=f"comma separated, from {OPTIMISERS}")
+    p.add_argument("--optimisers", default=",".join(BLOG_OPTIMISERS),
+                   help=f"comma separated, from {OPTIMISERS} (default: the blog's three)")
     p.add_argument("--learning-rates", default=None,
                    help=f"peak learning rates for every optimiser, comma separated; default per optimiser "
                         f"{DEFAULT_RATES}")
     for name in OPTIMISERS:  # good rates differ by orders of magnitude between optimisers
         p.add_argument(f"--{name}-rates", help=f"peak learning rates for {name} only, instead of --learning-rates")
     p.add_argument("--seeds", default="0", help="initialisation seeds, comma separated")
-    p.add_argument("--weight-decays", default="0", help="for lamb and adam, comma separated")
+    p.add_argument("--weight-decays", default="0", help="for lamb, adam and muon, comma separated")
     p.add_argument("--momenta", default="0.9", help="for sgd, comma separated")
+    p.add_argument("--lbfgs-memories", default="10", help="for lbfgs: curvature pairs kept, comma separated")
     p.add_argument("--epsilons", default=None, help="for lamb and adam, comma separated (default: each one's own)")
     for name in WITH_EPSILON:
         p.add_argument(f"--{name}-epsilons", help=f"epsilons for {name} only, instead of --epsilons")
@@ -126,6 +133,7 @@ def parse_args(argv=None):
             "seeds": parse_list(sweep.seeds, "--seeds", "seeds"),
             "weight_decays": parse_list(sweep.weight_decays, "--weight-decays", "weight_decays"),
             "momenta": parse_list(sweep.momenta, "--momenta", "momenta"),
+            "lbfgs_memories": parse_list(sweep.lbfgs_memories, "--lbfgs-memories", "batch_sizes"),
             "batch_sizes": parse_list(sweep.batch_sizes, "--batch-sizes", "batch_sizes") if sweep.batch_sizes
             else [None], "batch_inner_steps": sweep.batch_inner_steps}
     base = parse_config(fixed + ["--output-dir", sweep.output_dir])  # checks the fixed train.py flags
@@ -140,6 +148,7 @@ def refuse_unused(sweep, optimisers: list[str]) -> None:
     the sweep does not run, a shared list every optimiser overrides with its own, a batch option without batch
     sizes. Values are compared as numbers (0.90 is the default momentum)."""
     decayed = [name for name in optimisers if name in WITH_EPSILON]
+    decaying = [name for name in optimisers if name in WITH_WEIGHT_DECAY]
     own_rates = [name for name in optimisers if getattr(sweep, f"{name}_rates")]
     own_epsilons = [name for name in decayed if getattr(sweep, f"{name}_epsilons")]
     unused = [f"--{name}-rates" for name in OPTIMISERS if getattr(sweep, f"{name}_rates") and name not in optimisers]
@@ -147,13 +156,16 @@ def refuse_unused(sweep, optimisers: list[str]) -> None:
                and name not in optimisers]
     unused += ["--learning-rates"] * bool(sweep.learning_rates and len(own_rates) == len(optimisers))
     unused += ["--momenta"] * (parse_list(sweep.momenta, "--momenta", "momenta") != [0.9] and "sgd" not in optimisers)
+    unused += ["--lbfgs-memories"] * (parse_list(sweep.lbfgs_memories, "--lbfgs-memories", "batch_sizes") != [10]
+                                      and "lbfgs" not in optimisers)
     unused += ["--weight-decays"] * (parse_list(sweep.weight_decays, "--weight-decays", "weight_decays") != [0.0]
-                                     and not decayed)
+                                     and not decaying)
     unused += ["--epsilons"] * bool(sweep.epsilons and len(own_epsilons) == len(decayed))
     unused += ["--batch-inner-steps"] * (sweep.batch_inner_steps != "scaled" and not sweep.batch_sizes)
     if unused:
         raise UsageError(f"{unused[0]} applies to no run of this grid (--optimisers {','.join(optimisers)}; momenta "
-                         "are sgd's, weight decays and epsilons lamb's and adam's, a shared list yields to each "
+                         "are sgd's, memories lbfgs's, weight decays lamb's, adam's and muon's, epsilons lamb's and "
+                         "adam's, a shared list yields to each "
                          "optimiser's own, --batch-inner-steps needs --batch-sizes): leave it out")
 
 
@@ -175,11 +187,13 @@ def grid_points(grid, base: Config) -> list[Point]:
         if uneven:
             raise UsageError(f"--batch-sizes: {uneven[0]} does not divide the largest, {largest}, so its outer loops "
                              "could not see as many images")
+        coefficients = {"sgd": grid["momenta"], "lbfgs": grid.get("lbfgs_memories", [10])}.get(
+            optimiser, grid["weight_decays"])
         for batch, rate, seed, coefficient, epsilon in itertools.product(
-                grid["batch_sizes"], grid["learning_rates"][optimiser], grid["seeds"],
-                grid["momenta"] if optimiser == "sgd" else grid["weight_decays"], epsilons):
-            swept = {"momentum": coefficient, "weight_decay": 0.0} if optimiser == "sgd" else {
-                "weight_decay": coefficient}
+                grid["batch_sizes"], grid["learning_rates"][optimiser], grid["seeds"], coefficients, epsilons):
+            swept = {"sgd": {"momentum": coefficient, "weight_decay": 0.0},
+                     "lbfgs": {"lbfgs_memory": coefficient, "weight_decay": 0.0}}.get(optimiser,
+                                                                                      {"weight_decay": coefficient})
             swept["lamb_exclude_biases"] = base.lamb_exclude_biases and optimiser == "lamb"  # LAMB's own
             scaled = batch and grid.get("batch_inner_steps", "scaled") == "scaled"
             inner = base.inner_steps * largest // batch if scaled else base.inner_steps  # as many images per outer
@@ -193,7 +207,8 @@ def grid_points(grid, base: Config) -> list[Point]:
 def run_name(config: Config) -> str:
     """A run's folder name: the values a sweep varies. Epsilon is named when it is not optax's, a fixed
     reference rather than the default, which has changed: a name means the same run in every version."""
-    detail = f"m{config.momentum:g}" if config.optimiser == "sgd" else f"wd{config.weight_decay:g}"
+    detail = {"sgd": f"m{config.momentum:g}", "lbfgs": f"mem{config.lbfgs_memory}"}.get(
+        config.optimiser, f"wd{config.weight_decay:g}")
     epsilon = "" if config.epsilon == OPTAX_EPSILONS[config.optimiser] else f"-eps{config.epsilon:g}"
     batch = f"-b{config.batch_size}" if config.batch_size else ""
     return (f"{config.optimiser}-lr{config.learning_rate:g}-{detail}{epsilon}{batch}{options_name(config)}-"
@@ -249,9 +264,10 @@ def leaderboard_rows(points):
         batch = c.batch_size or header.get("examples_per_step", "")
         rows.append({"run": name, "optimiser": c.optimiser, "learning_rate": c.learning_rate, "batch_size": batch,
                      "target_images": target["step"] * batch if target and batch else "",
-                     "weight_decay": c.weight_decay if c.optimiser != "sgd" else "",
+                     "weight_decay": c.weight_decay if c.optimiser in WITH_WEIGHT_DECAY else "",
                      "momentum": c.momentum if c.optimiser == "sgd" else "",
                      "epsilon": c.epsilon if c.optimiser in WITH_EPSILON else "", "seed": c.seed,
+                     "lbfgs_memory": c.lbfgs_memory if c.optimiser == "lbfgs" else "",
                      "schedule": c.schedule, "options": options_name(c).strip("-") or "none", "status": status,
                      "best_validation_accuracy": best["validation_accuracy"] if best else 0.0,
                      "best_outer": best["outer"] if best else "", "best_step": best["step"] if best else "",
@@ -272,7 +288,7 @@ def optimiser_summary(rows):
         settings, mine = {}, [r for r in rows if r["optimiser"] == optimiser]
         for r in mine:
             key = (r["learning_rate"], r["weight_decay"], r["momentum"], r["epsilon"], r.get("batch_size", ""),
-                   r.get("options", "none"))
+                   r.get("options", "none"), r.get("lbfgs_memory", ""))
             settings.setdefault(key, []).append(r["best_validation_accuracy"])
         key, scores = max(settings.items(), key=lambda item: statistics.median(item[1]))
         several_batches = len({r.get("batch_size", "") for r in mine}) > 1
@@ -282,7 +298,8 @@ def optimiser_summary(rows):
                                         + (f" momentum {key[2]:g}" if key[2] != "" else "")
                                         + (f" eps {key[3]:g}" if key[3] != "" else "")
                                         + (f" batch {key[4]}" if several_batches else "")
-                                        + (f" {key[5]}" if key[5] != "none" else ""),
+                                        + (f" {key[5]}" if key[5] != "none" else "")
+                                        + (f" memory {key[6]}" if key[6] != "" else ""),
                         "median_over_seeds": statistics.median(scores), "spread": max(scores) - min(scores),
                         "seeds": len(scores)})
     return sorted(summary, key=lambda s: -s["median_over_seeds"])
@@ -350,7 +367,8 @@ def write_plots(output_dir, rows):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    colours = {"lamb": "tab:blue", "adam": "tab:orange", "sgd": "tab:green"}
+    colours = {"lamb": "tab:blue", "adam": "tab:orange", "sgd": "tab:green", "muon": "tab:red",
+               "lbfgs": "tab:purple"}
     figure, axes = plt.subplots(figsize=(8, 5))
     for r in rows:
         steps = [p["step"] for p in r["curve"]]

@@ -57,7 +57,7 @@ class Programs(NamedTuple):
 # share one compiled program in a sweep.
 PROGRAM_FIELDS = ("optimiser", "schedule", "warmup_steps", "inner_steps", "outer_steps", "channels", "dense",
                   "initialiser", "dtype", "conv", "remat_gelu", "microbatch", "inner_loop", "batch_size", "ema",
-                  "label_smoothing", "lamb_exclude_biases", "gradient_penalty", "penalty_block")
+                  "label_smoothing", "lamb_exclude_biases", "lbfgs_memory", "gradient_penalty", "penalty_block")
 
 
 def program_key(config) -> tuple:
@@ -71,7 +71,8 @@ def build_programs(config, prepared: Prepared) -> Programs:
     model = ConvNet(config.channels, config.dense, prepared.num_classes, jnp.dtype(config.dtype),
                     choose_conv(config), config.initialiser, config.remat_gelu)
     optimiser = make_optimiser(config.optimiser, config.schedule, config.warmup_steps,
-                               config.inner_steps * config.outer_steps, config.lamb_exclude_biases, config.ema)
+                               config.inner_steps * config.outer_steps, config.lamb_exclude_biases, config.ema,
+                               config.lbfgs_memory)
     per_device_batch = batch_share(config.batch_size, prepared)
     # A whole-set chunk holds whole images (all 8 forms): the noise estimate is then image-level. A penalty's
     # blocks lie within the chunks.
@@ -85,7 +86,7 @@ def build_programs(config, prepared: Prepared) -> Programs:
     step_kwargs = dict(example_count=float(config.batch_size or whole_set), population=whole_set,
                        microbatch=microbatch, per_device_batch=per_device_batch,
                        label_smoothing=config.label_smoothing, penalty=config.gradient_penalty,
-                       penalty_block=config.penalty_block)
+                       penalty_block=config.penalty_block, line_search=config.optimiser == "lbfgs")
     if inner_mode == "compiled":
         loop = jax.pmap(functools.partial(steps.inner_loop, steps=config.inner_steps, **step_kwargs),
                         axis_name=AXIS, donate_argnums=0)
@@ -277,8 +278,9 @@ def outer_loops(config, prepared: Prepared, programs: Programs, checkpoints, res
             record, evaluated = evaluate(config, prepared, programs, state, float(loss[0]), tick, progress, metrics)
             display.outer_done(record["inner_seconds"], outer - first_outer + 1)
             record.update(optimiser_record(config, outer, statistics), elapsed_seconds=time.perf_counter() - started,
-                          **noise_scale.record_fields(statistics["noise_sums"][0], config.inner_steps,
-                                                      prepared.stride, prepared.train_count))
+                          **noise_scale.record_fields(statistics["sums"][0][:2], config.inner_steps,
+                                                      prepared.stride, prepared.train_count),
+                          **line_search_record(config, statistics))
             best_params = keep_best(config, record, evaluated, best_params, progress)
             log(outer_line(config.outer_steps, record, progress["best"], first=outer == first_outer))
             metrics.write(record)  # before the checkpoint: a resume may redo a line, never lose one
@@ -293,6 +295,12 @@ def outer_loops(config, prepared: Prepared, programs: Programs, checkpoints, res
                 checkpoint.save(checkpoints, state, best_params, progress, record["validation_accuracy"])
             if config.stop_at_target and finished and outer < config.outer_steps:
                 log(f"stopping: reached --target-accuracy {config.target_accuracy}")
+            if record.get("line_search_stuck") and not finished:
+                raise Diverged(f"L-BFGS's line search found no sufficient decrease in the last step of outer loop "
+                               f"{outer} (step {record['step']}; {record['line_search_failures']} of its "
+                               f"{config.inner_steps} steps fell short): the loss no longer decreases along its "
+                               "direction (converged to float precision, or stuck); its checkpoint and best params "
+                               "stand")
         summary = summarise(config, prepared, programs, best_params, progress)
         metrics.write({"summary": summary})
         return summary
@@ -352,6 +360,15 @@ def optimiser_record(config, outer: int, statistics: dict) -> dict:
             "gradient_norm": float(statistics["gradient_norm"]), "update_norm": float(statistics["update_norm"]),
             "parameter_norm": float(statistics["parameter_norm"]),
             "update_ratios": {k: v if math.isfinite(v) else None for k, v in ratios.items()}}
+
+
+def line_search_record(config, statistics) -> dict:
+    """L-BFGS's outer loop: the loss evaluations its steps made (one each, plus their line searches'), how many
+    line searches found no sufficient decrease, and whether the last one did not."""
+    if config.optimiser != "lbfgs":
+        return {}
+    total, last = (np.asarray(jax.device_get(statistics[key][0])) for key in ("sums", "last_sums"))
+    return {"evaluations": int(total[2]), "line_search_failures": int(total[3]), "line_search_stuck": bool(last[3])}
 
 
 def keep_best(config, record: dict, params, best_params, progress: dict):
