@@ -20,13 +20,20 @@ def device_env(devices: int = 8, **extra) -> dict:
     return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), **extra)
 
 
-def run_train(args, devices=8, extra_env=None, timeout=300, check=True):
-    """train.py in a fresh process with `devices` emulated CPU devices."""
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], env=device_env(devices, **(
+def run_train(args, devices=8, extra_env=None, timeout=300, check=True, script="train.py"):
+    """train.py (or another entry point) in a fresh process with `devices` emulated CPU devices."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], env=device_env(devices, **(
         extra_env or {})), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-3000:]}")
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
+
+
+def one_process_cluster() -> list[str]:
+    """The flags of a multi-process run of one process: jax.distributed starts for it as on every host of a
+    pod (and on every Cloud TPU VM, where jax detects the cluster), so anything that asks jax for a device or
+    the process index before the join ends the process."""
+    return ["--coordinator-address", f"127.0.0.1:{free_port()}", "--num-processes", "1", "--process-id", "0"]
 
 
 def start_train(args, devices=8, process_id=None, port=None):
