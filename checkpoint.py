@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import data
+import metrics
 from config import RUN_DEFINITION, defaults_before
 from errors import UsageError
 from parallel import replicate
@@ -152,7 +153,10 @@ def read_progress(checkpoints: ocp.CheckpointManager) -> dict | None:
 def keep_lost_metrics_aside(output_dir: str) -> str | None:
     """A folder whose metrics.jsonl holds a run's outer loops but no checkpoint (deleted, never kept, or a kill
     between an outer loop's record and its first checkpoint): the run starts afresh, and the old file is kept
-    as metrics.jsonl.<UTC time>.old rather than started over. Returns the kept file's name, if any."""
+    as metrics.jsonl.<UTC time>.old rather than started over. The TensorBoard event files that mirror it go
+    with it, into the folder events.<UTC time>.old: TensorBoard reads every event file of a run's folder, so
+    left there they showed every step twice, the old run's beside the new one's (in a folder of their own they
+    are a run of their own). Returns the kept file's name, if any."""
     path = os.path.join(output_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return None
@@ -160,8 +164,15 @@ def keep_lost_metrics_aside(output_dir: str) -> str | None:
         outer = sum("validation_accuracy" in json.loads(line) for line in f if line.strip())
     if not outer:
         return None
-    kept = f"{path}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.old"
+    stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
+    kept = f"{path}.{stamp}.old"
     os.replace(path, kept)
+    events = metrics.event_files(output_dir)
+    if events:
+        aside = os.path.join(output_dir, f"events.{stamp}.old")
+        os.makedirs(aside, exist_ok=True)
+        for name in events:
+            os.replace(os.path.join(output_dir, name), os.path.join(aside, name))
     return kept
 
 

@@ -17,8 +17,8 @@ import checkpoint
 import data
 import train
 from conftest import ROOT
-from helpers import (SMALL, device_env, free_port, latest_checkpoint, make_images, outer_record, read_metrics,
-                     run_train, start_train, wait_for_records)
+from helpers import (SMALL, assert_shows, device_env, free_port, latest_checkpoint, make_images, outer_record,
+                     read_metrics, run_train, start_train, wait_for_records)
 from model import ConvNet
 
 RUN = [*SMALL, "--synthetic-examples", "300", "--inner-steps", "3"]
@@ -268,9 +268,11 @@ def test_a_resumed_run_recomputes_the_target_from_its_records(tmp_path, two_oute
 def test_a_folder_whose_checkpoints_are_gone_keeps_its_metrics_aside_and_trains_afresh(tmp_path, capsys,
                                                                                         two_outer_loops):
     """Its metrics.jsonl holds a run (checkpoints deleted, or a kill between an outer loop's record and its
-    checkpoint): the run starts over, and the old records are kept in a file of their own, not written over."""
+    checkpoint): the run starts over, and the old records are kept in a file of their own, not written over.
+    The event files that mirror them go aside with them: TensorBoard showed every step twice."""
     shutil.copytree(two_outer_loops[0], tmp_path, dirs_exist_ok=True)
     before = (tmp_path / "metrics.jsonl").read_text()
+    old_records = read_metrics(tmp_path)[1]
     shutil.rmtree(tmp_path / "checkpoints")
     capsys.readouterr()
     train.main([*TWO_OUTER_LOOPS, "--output-dir", str(tmp_path)])
@@ -278,7 +280,16 @@ def test_a_folder_whose_checkpoints_are_gone_keeps_its_metrics_aside_and_trains_
     assert kept.read_text() == before
     assert f"holds the metrics of a run but no checkpoint to resume it from: they are kept as {kept.name}, and the " \
            "run starts afresh" in capsys.readouterr().out
-    assert [r["step"] for r in read_metrics(tmp_path)[1]] == [3, 6] and "resumed_after_outer" not in before
+    records = read_metrics(tmp_path)[1]
+    assert [r["step"] for r in records] == [3, 6] and "resumed_after_outer" not in before
+    assert_shows(tmp_path, records)  # each step once, the new run's
+    (aside,) = tmp_path.glob("events.*.old")
+    assert aside.name == f"events.{kept.name.split('.')[2]}.old"  # named as the kept metrics
+    assert_shows(aside, old_records)  # the old run, whole, as a run of its own
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert len(events.Tensors("run/text_summary")) == 1  # the run's definition once
 
 
 def test_rerunning_a_finished_run_changes_nothing(tmp_path, capsys):
