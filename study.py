@@ -153,9 +153,11 @@ def run_study(study, base: Config) -> dict:
     started, estimate = time.monotonic(), study.seconds_per_outer
     pack = Pack(study.pack) if jax.process_index() == 0 else None
     shared, done, outcome = train.Shared(base, pack), [], {"ran": [], "skipped": []}
-    for entry in PLAN:  # every run of the plan checked before the first trains (the winner's copies are like it)
-        if "winner_seeds" not in entry:
-            sweep.at_home(planned(base, entry), base.output_dir)
+    # Every run of the plan checked before the first trains (the winner's copies are like it); what needs the
+    # data, once a run is to train (a study of finished or skipped runs loads none).
+    plan = [sweep.at_home(planned(base, entry), base.output_dir).config for entry in PLAN
+            if "winner_seeds" not in entry]
+    checked = False
     with StopSignals() as stop:
         for entry in PLAN:
             if "winner_seeds" in entry:
@@ -179,6 +181,9 @@ def run_study(study, base: Config) -> dict:
                     outcome["skipped"].append(point.name)
                     continue
                 else:
+                    if not checked:
+                        sweep.check_programs(plan, shared, "--batch-size")
+                        checked = True
                     log(f"{point.name}: about {needed:.0f}s of the {left:.0f}s left")
                     try:
                         train.run(point.config, shared, stop)

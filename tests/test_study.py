@@ -158,6 +158,14 @@ def test_lamb_s_own_option_goes_to_the_plan_s_lamb_runs_only_and_every_run_is_ch
     assert not (tmp_path / "lamb-lr0.01-wd0-eps3.125e-08-warmup_cosine-s0").exists()  # refused before it trained
 
 
+def test_what_the_runs_programs_refuse_is_refused_before_the_first_run_makes_its_folder(tmp_path):
+    with pytest.raises(study.UsageError, match="--penalty-block 16 is more than the 8 examples a device holds"):
+        study.run_study(*study.parse_args(["--pack", str(tmp_path / "p.jsonl"), "--output-dir", str(tmp_path / "runs"),
+                                           "--budget-seconds", "1e9", "--batch-size", "64", "--gradient-penalty", "0.1",
+                                           "--penalty-block", "16", *FIXED]))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_run_that_crashes_is_packed_whole_header_first(tmp_path, monkeypatch):
     import train
     monkeypatch.setattr(study, "PLAN", [{"optimiser": "sgd", "learning_rate": 0.1}])

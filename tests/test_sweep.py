@@ -242,16 +242,22 @@ def test_a_value_given_twice_runs_once_and_counts_once(tmp_path, capsys):
     assert "sweep.py: --seeds 0,0 lists a value more than once; each runs once: 0" in err
 
 
-def test_every_batch_size_of_the_grid_is_checked_before_the_first_run_trains(tmp_path, capsys):
-    for sizes, message in [("16,24,12", "--batch-sizes 12 does not split over the 8 devices"),
-                           ("64,4096", "--batch-sizes 4096 is above the 1,920 training examples")]:
+def test_every_point_of_the_grid_is_checked_before_the_first_run_trains(tmp_path, capsys):
+    """Everything train.py's programs refuse, for every point, before the first trains or makes its folder: the
+    penalty block once came after the b64 run had trained (8 examples per device; the b32 run's 4 are too few)."""
+    for sizes, more, message in [
+            ("16,24,12", [], "--batch-sizes 12 does not split over the 8 devices"),
+            ("64,4096", [], "--batch-sizes 4096 is above the 1,920 training examples"),
+            ("64,32", ["--gradient-penalty", "0.1", "--penalty-block", "8"],
+             "--penalty-block 8 is more than the 4 examples a device holds per step: a smaller block, or a larger "
+             "--batch-sizes")]:
         out = tmp_path / sizes.replace(",", "-")
         with pytest.raises(SystemExit) as exit_info:
             sweep.main(["--optimisers", "adam", "--batch-sizes", sizes, "--batch-inner-steps", "same",
-                        "--output-dir", str(out), *FIXED])
+                        "--output-dir", str(out), *FIXED, *more])
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and err[-1].startswith(f"sweep.py: error: {message}"), err
-        assert not list(tmp_path.glob("**/metrics.jsonl"))  # no run trained
+        assert not out.exists() or not list(out.iterdir())  # no run trained, nor made its folder
 
 
 def test_a_sweep_starts_as_one_process_of_a_cluster(tmp_path):
