@@ -93,13 +93,39 @@ def resume_point(config, checkpoints) -> dict | None:
             raise UsageError(f"--resume: no checkpoint in {config.output_dir}")
         return None
     refuse_other_run(progress["run"], config)
-    layout = progress.get("draw_layout")
-    if config.batch_size and layout and layout != draw_layout() and not finished(config, progress):
-        raise UsageError(f"{config.output_dir}: --batch-size {config.batch_size} draws each device's share from "
-                         f"that device's own examples, so this run's batches depend on its layout, {layout[0]} "
-                         f"process(es) x {layout[1]} devices in all, and this one is {draw_layout()[0]} x "
-                         f"{draw_layout()[1]}: resume it on its own layout, or start it afresh in another --output-dir")
+    if config.batch_size and not finished(config, progress):
+        refuse_other_layout(config, progress)
     return progress
+
+
+def refuse_other_layout(config, progress: dict) -> None:
+    """A --batch-size run resumes only on the layout its batches were drawn over: its checkpoint's record of it,
+    or for a checkpoint written before that was recorded, the process and device counts of its metrics header
+    (the run's start); refused when neither tells it."""
+    draws = f"--batch-size {config.batch_size} draws each device's share from that device's own examples, so this " \
+            "run's batches depend on its layout"
+    layout = progress.get("draw_layout") or header_layout(config.output_dir)
+    if layout is None:
+        raise UsageError(f"{config.output_dir}: {draws}, and neither its checkpoint (written before the layout was "
+                         "recorded) nor a metrics.jsonl header there says what it was: start it afresh in another "
+                         "--output-dir")
+    if layout != draw_layout():
+        raise UsageError(f"{config.output_dir}: {draws}, {layout[0]} process(es) x {layout[1]} devices in all, and "
+                         f"this one is {draw_layout()[0]} x {draw_layout()[1]}: resume it on its own layout, or start "
+                         "it afresh in another --output-dir")
+
+
+def header_layout(output_dir: str) -> list[int] | None:
+    """[processes, devices] from the header of the metrics.jsonl in `output_dir` (the layout a run started on),
+    or None where there is no such header, or it lacks either count."""
+    try:
+        with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+            header = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(header, dict) or "processes" not in header or "devices" not in header:
+        return None
+    return [header["processes"], header["devices"]]
 
 
 # ----------------------------------------------------------------------------- files

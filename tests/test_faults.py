@@ -569,3 +569,35 @@ def test_a_drawn_batch_run_is_not_resumed_on_another_device_layout(tmp_path, cap
     capsys.readouterr()
     train.main([*args, "--outer-steps", "2"])
     assert "resuming after outer loop 1" in capsys.readouterr().out
+
+
+def test_a_drawn_batch_checkpoint_written_before_the_layout_was_recorded_resumes_only_on_its_header_s(tmp_path):
+    """Its progress has no draw_layout: the metrics header's counts (the run's start) stand for it, and with no
+    header the layout cannot be known, so it is refused (it once resumed on any layout, silently). Only the
+    progress record is read, so a checkpoint of a stand-in tree is enough."""
+    import config as config_module
+    import orbax.checkpoint as ocp
+    run = config_module.parse([*RUN, "--batch-size", "64", "--optimiser", "adam", "--outer-steps", "2",
+                               "--output-dir", str(tmp_path)])
+    progress = {**checkpoint.initial_progress(run), "outer": 1}
+    del progress["draw_layout"]
+    checkpoints = checkpoint.manager(str(tmp_path), 2)
+    checkpoints.save(1, args=ocp.args.Composite(tree=ocp.args.StandardSave({"stand_in": np.zeros(1)}),
+                                                progress=ocp.args.JsonSave(progress)),
+                     metrics={"validation_accuracy": 0.5})
+    checkpoints.wait_until_finished()
+
+    def resume_with_header(header):
+        if header is None:
+            (tmp_path / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            (tmp_path / "metrics.jsonl").write_text(json.dumps({"config": {}, **header}) + "\n")
+        return checkpoint.resume_point(run, checkpoints)
+    assert resume_with_header({"processes": 1, "devices": 8})["outer"] == 1  # this process's own layout
+    with pytest.raises(checkpoint.UsageError, match="its layout, 2 process[(]es[)] x 4 devices in all, and this one "
+                                                    "is 1 x 8: resume it on its own layout"):
+        resume_with_header({"processes": 2, "devices": 4})
+    for header in (None, {"devices": 8}):  # no header, or one without the process count
+        with pytest.raises(checkpoint.UsageError, match="nor a metrics.jsonl header there says what it was"):
+            resume_with_header(header)
+    checkpoints.close()
