@@ -27,7 +27,7 @@ import jax
 
 import sweep
 import train
-from config import Config
+from config import Config, check_output
 from config import parse as parse_config
 from config import parser
 from errors import DataError, Diverged, Interrupted, PeerError, UsageError, exit_on_failure
@@ -85,9 +85,7 @@ def parse_args(argv=None):
         value = getattr(study, flag[2:].replace("-", "_"))
         if not 0 < value < math.inf:
             raise UsageError(f"{flag} must be positive, got {value}")
-    folder = os.path.dirname(os.path.abspath(study.pack))
-    if not os.path.isdir(folder):
-        raise UsageError(f"--pack {study.pack}: its folder {folder} does not exist")
+    check_output("--pack", study.pack)
     base = parse_config(fixed + ["--output-dir", study.output_dir])
     study.variant_line = None  # said once the processes have joined: the log asks jax for the process index
     if study.variant_from:

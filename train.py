@@ -27,6 +27,7 @@ import checkpoint
 import data
 import steps
 import noise_scale
+from config import check_output
 from config import parse as parse_config
 from device_data import Prepared, load_split, prepare, prepare_split
 from errors import Diverged, Interrupted, UsageError, exit_on_failure
@@ -199,15 +200,13 @@ def run(config, shared: Shared | None = None, stop: StopSignals | None = None) -
 
 
 def check_writable(output_dir: str | None) -> None:
-    """Refuse an --output-dir this process cannot create or write, before any data is loaded."""
+    """Refuse an --output-dir this process cannot create or write, before any data is loaded (checked again
+    here, where the run starts: a sweep's later runs start long after their flags were checked), and make it."""
     if not output_dir:
         return
+    check_output("--output-dir", output_dir, folder=True)
     try:
         os.makedirs(output_dir, exist_ok=True)
-        probe = os.path.join(output_dir, f".writable-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
     except OSError as error:
         raise UsageError(f"--output-dir {output_dir} cannot be written: {error.strerror or error}") from None
 
