@@ -30,7 +30,7 @@ import optax
 import optimisers
 import parallel
 import steps
-from config import CONVS, DTYPES, OPTIMISERS, Config, check, parser
+from config import CONVS, DTYPES, OPTIMISERS, Config, check, check_output, parser
 from errors import UsageError, exit_on_failure
 from model import ConvNet
 
@@ -74,8 +74,8 @@ def parse_args(argv=None):
         a.channels = tuple(int(c) for c in a.channels.split(","))
     except ValueError:
         raise UsageError(f"--channels {a.channels!r} is not a comma-separated list of integers") from None
-    if a.json and not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
-        raise UsageError(f"--json {a.json}: its folder does not exist")
+    check_output("--json", a.json)  # before the benchmark: it would fail only once its figures were made
+    check_output("--profile", a.profile, folder=True)
     a.variants = {text: parse_variant(text) for text in a.variants or ["base"]}  # checked before any work
     return a
 

@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import data
+import metrics
 from config import RUN_DEFINITION, defaults_before
 from errors import UsageError
 from parallel import replicate
@@ -92,13 +93,39 @@ def resume_point(config, checkpoints) -> dict | None:
             raise UsageError(f"--resume: no checkpoint in {config.output_dir}")
         return None
     refuse_other_run(progress["run"], config)
-    layout = progress.get("draw_layout")
-    if config.batch_size and layout and layout != draw_layout() and not finished(config, progress):
-        raise UsageError(f"{config.output_dir}: --batch-size {config.batch_size} draws each device's share from "
-                         f"that device's own examples, so this run's batches depend on its layout, {layout[0]} "
-                         f"process(es) x {layout[1]} devices in all, and this one is {draw_layout()[0]} x "
-                         f"{draw_layout()[1]}: resume it on its own layout, or start it afresh in another --output-dir")
+    if config.batch_size and not finished(config, progress):
+        refuse_other_layout(config, progress)
     return progress
+
+
+def refuse_other_layout(config, progress: dict) -> None:
+    """A --batch-size run resumes only on the layout its batches were drawn over: its checkpoint's record of it,
+    or for a checkpoint written before that was recorded, the process and device counts of its metrics header
+    (the run's start); refused when neither tells it."""
+    draws = f"--batch-size {config.batch_size} draws each device's share from that device's own examples, so this " \
+            "run's batches depend on its layout"
+    layout = progress.get("draw_layout") or header_layout(config.output_dir)
+    if layout is None:
+        raise UsageError(f"{config.output_dir}: {draws}, and neither its checkpoint (written before the layout was "
+                         "recorded) nor a metrics.jsonl header there says what it was: start it afresh in another "
+                         "--output-dir")
+    if layout != draw_layout():
+        raise UsageError(f"{config.output_dir}: {draws}, {layout[0]} process(es) x {layout[1]} devices in all, and "
+                         f"this one is {draw_layout()[0]} x {draw_layout()[1]}: resume it on its own layout, or start "
+                         "it afresh in another --output-dir")
+
+
+def header_layout(output_dir: str) -> list[int] | None:
+    """[processes, devices] from the header of the metrics.jsonl in `output_dir` (the layout a run started on),
+    or None where there is no such header, or it lacks either count."""
+    try:
+        with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+            header = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(header, dict) or "processes" not in header or "devices" not in header:
+        return None
+    return [header["processes"], header["devices"]]
 
 
 # ----------------------------------------------------------------------------- files
@@ -152,7 +179,10 @@ def read_progress(checkpoints: ocp.CheckpointManager) -> dict | None:
 def keep_lost_metrics_aside(output_dir: str) -> str | None:
     """A folder whose metrics.jsonl holds a run's outer loops but no checkpoint (deleted, never kept, or a kill
     between an outer loop's record and its first checkpoint): the run starts afresh, and the old file is kept
-    as metrics.jsonl.<UTC time>.old rather than started over. Returns the kept file's name, if any."""
+    as metrics.jsonl.<UTC time>.old rather than started over. The TensorBoard event files that mirror it go
+    with it, into the folder events.<UTC time>.old: TensorBoard reads every event file of a run's folder, so
+    left there they showed every step twice, the old run's beside the new one's (in a folder of their own they
+    are a run of their own). Returns the kept file's name, if any."""
     path = os.path.join(output_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return None
@@ -160,8 +190,15 @@ def keep_lost_metrics_aside(output_dir: str) -> str | None:
         outer = sum("validation_accuracy" in json.loads(line) for line in f if line.strip())
     if not outer:
         return None
-    kept = f"{path}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.old"
+    stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
+    kept = f"{path}.{stamp}.old"
     os.replace(path, kept)
+    events = metrics.event_files(output_dir)
+    if events:
+        aside = os.path.join(output_dir, f"events.{stamp}.old")
+        os.makedirs(aside, exist_ok=True)
+        for name in events:
+            os.replace(os.path.join(output_dir, name), os.path.join(aside, name))
     return kept
 
 

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import math
 import os
+import tempfile
 
 from errors import UsageError, fail
 from model import CONVS as CONV_FORMULATIONS
@@ -314,8 +315,7 @@ def check(config: Config) -> None:
         raise UsageError(f"--output-dir {c.output_dir}: a URL is not a folder train.py can write; give a folder "
                          "every host sees: an NFS or Filestore share, or a bucket mounted with gcsfuse on every host "
                          "(one with hierarchical namespace: orbax's atomic checkpoints rename folders)")
-    if c.output_dir and os.path.exists(c.output_dir) and not os.path.isdir(c.output_dir):
-        raise UsageError(f"--output-dir {c.output_dir} exists and is not a folder")
+    check_output("--output-dir", c.output_dir, folder=True)
     if c.resume and not c.output_dir:
         raise UsageError("--resume needs --output-dir, the folder holding the checkpoint")
     multihost = (c.coordinator_address, c.num_processes, c.process_id)
@@ -329,3 +329,35 @@ def check(config: Config) -> None:
         host, _, port = c.coordinator_address.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise UsageError(f"--coordinator-address {c.coordinator_address!r} is not host:port")
+
+
+def check_output(flag: str, path: str | None, folder: bool = False) -> None:
+    """Refuse, with one line naming the flag, an output path that could not be written, before any work is done
+    (every entry point checks each of its output flags with this as it parses them): a file that is a folder or
+    lies in a missing folder, a folder that is a file. A missing folder is fine (it is made, with any missing
+    parents), but the nearest folder that exists must take a new file: a probe is made there and removed at
+    once, since permissions alone do not say (root writes anywhere but /proc, or a read-only mount). An existing
+    file must open for appending (nothing is written to it)."""
+    if not path:
+        return
+    if folder:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f"{flag} {path} exists and is not a folder")
+        where = os.path.abspath(path)
+        while not os.path.exists(where):
+            where = os.path.dirname(where)
+        if not os.path.isdir(where):
+            raise UsageError(f"{flag} {path}: {where} is not a folder")
+    else:
+        if os.path.isdir(path):
+            raise UsageError(f"{flag} {path} is a folder; give a file's path")
+        where = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(where):
+            raise UsageError(f"{flag} {path}: its folder {where} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=where, prefix=".writable-"):
+            pass
+        if not folder and os.path.exists(path):
+            open(path, "a").close()
+    except OSError as error:
+        raise UsageError(f"{flag} {path} cannot be written: {error.strerror or error}") from None

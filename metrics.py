@@ -136,6 +136,13 @@ class Events:
             self.writer.close()
 
 
+def event_files(folder: str) -> list[str]:
+    """The names of the files in `folder` that TensorBoard's reader takes for its event files: every one whose
+    name holds "tfevents", whatever else it is called (a renamed one is still read)."""
+    return sorted(name for name in os.listdir(folder) if "tfevents" in name
+                  and os.path.isfile(os.path.join(folder, name)))
+
+
 def run_text(header: dict) -> str:
     """The run's definition as a Markdown table for TensorBoard's text tab: its config, where it ran."""
     rows = [f"| {key} | {value} |" for key, value in sorted(header["config"].items())]

@@ -15,7 +15,7 @@ import os
 import re
 import statistics
 
-from config import DEFAULT_EPSILONS, OPTAX_EPSILONS, defaults_before, parser
+from config import DEFAULT_EPSILONS, OPTAX_EPSILONS, check_output, defaults_before, parser
 from errors import DataError, UsageError, exit_on_failure
 import critical_batch
 import metrics
@@ -805,8 +805,10 @@ def write_events(root: str, out: str) -> None:
 
 def write_report(argv=None):
     args = build_parser().parse_args(argv)
-    if args.events:
+    if args.events:  # then --out is not written
+        check_output("--events", args.events, folder=True)
         return write_events(args.results, args.events)
+    check_output("--out", args.out)
     made = blocks(args.results)
     text = open(args.out).read() if os.path.exists(args.out) else skeleton(made)
     filled = fill(text, made)  # before opening: a refused file stays as it was

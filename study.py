@@ -27,7 +27,7 @@ import jax
 
 import sweep
 import train
-from config import Config
+from config import Config, check_output
 from config import parse as parse_config
 from config import parser
 from errors import DataError, Diverged, Interrupted, PeerError, UsageError, exit_on_failure
@@ -85,18 +85,19 @@ def parse_args(argv=None):
         value = getattr(study, flag[2:].replace("-", "_"))
         if not 0 < value < math.inf:
             raise UsageError(f"{flag} must be positive, got {value}")
-    folder = os.path.dirname(os.path.abspath(study.pack))
-    if not os.path.isdir(folder):
-        raise UsageError(f"--pack {study.pack}: its folder {folder} does not exist")
+    check_output("--pack", study.pack)
     base = parse_config(fixed + ["--output-dir", study.output_dir])
+    study.variant_line = None  # said once the processes have joined: the log asks jax for the process index
     if study.variant_from:
-        base = dataclasses.replace(base, **fastest_variant(study.variant_from, base.dtype))
+        variant, study.variant_line = fastest_variant(study.variant_from, base.dtype)
+        base = dataclasses.replace(base, **variant)
     return study, base
 
 
-def fastest_variant(path: str, dtype: str) -> dict:
+def fastest_variant(path: str, dtype: str) -> tuple[dict, str]:
     """The conv formulation, GELU recomputation and microbatch of the fastest row of a bench.py JSON in
-    `dtype` whose logits agree with nn.Conv (to bf16's or f32's rounding)."""
+    `dtype` whose logits agree with nn.Conv (to bf16's or f32's rounding), and a line saying which. Read while
+    the flags are parsed, before jax.distributed starts, so it asks jax nothing (not even to log)."""
     try:
         with open(path) as f:
             rows = json.load(f)["rows"]
@@ -108,8 +109,8 @@ def fastest_variant(path: str, dtype: str) -> dict:
     if not good:
         raise UsageError(f"--variant-from {path}: no correct {dtype} variant in it")
     best = max(good, key=lambda r: r["images_per_second"])
-    log(f"fastest variant in {path}: {best['name']} ({best['images_per_second']:,.0f} img/s)")
-    return {"conv": best["conv"], "remat_gelu": best["remat_gelu"], "microbatch": best["microbatch"]}
+    return ({"conv": best["conv"], "remat_gelu": best["remat_gelu"], "microbatch": best["microbatch"]},
+            f"fastest variant in {path}: {best['name']} ({best['images_per_second']:,.0f} img/s)")
 
 
 # What the plan sets for each run: given on the command line they would be silently overwritten, so refused.
@@ -145,12 +146,16 @@ def best_finished(points: list[sweep.Point]) -> sweep.Point | None:
 
 def run_study(study, base: Config) -> dict:
     init_distributed(base)  # before the signal handlers: jax's preemption notifier would replace them
+    if study.variant_line:
+        log(study.variant_line)
     started, estimate = time.monotonic(), study.seconds_per_outer
     pack = Pack(study.pack) if jax.process_index() == 0 else None
     shared, done, outcome = train.Shared(base, pack), [], {"ran": [], "skipped": []}
-    for entry in PLAN:  # every run of the plan checked before the first trains (the winner's copies are like it)
-        if "winner_seeds" not in entry:
-            sweep.at_home(planned(base, entry), base.output_dir)
+    # Every run of the plan checked before the first trains (the winner's copies are like it); what needs the
+    # data, once a run is to train (a study of finished or skipped runs loads none).
+    plan = [sweep.at_home(planned(base, entry), base.output_dir).config for entry in PLAN
+            if "winner_seeds" not in entry]
+    checked = False
     with StopSignals() as stop:
         for entry in PLAN:
             if "winner_seeds" in entry:
@@ -174,6 +179,9 @@ def run_study(study, base: Config) -> dict:
                     outcome["skipped"].append(point.name)
                     continue
                 else:
+                    if not checked:
+                        sweep.check_programs(plan, shared, "--batch-size")
+                        checked = True
                     log(f"{point.name}: about {needed:.0f}s of the {left:.0f}s left")
                     try:
                         train.run(point.config, shared, stop)

@@ -527,7 +527,16 @@ def run_sweep(grid, base: Config):
     return rows, summary
 
 
+def check_programs(configs: list[Config], shared: train.Shared, flag: str = "--batch-sizes") -> None:
+    """Every refusal of every run's programs (batch shares, penalty blocks: train.check_program), made with the
+    data loaded once for them all, before the first run trains or makes its folder: a refusal at a later run
+    would come after the earlier ones had trained."""
+    for config in configs:
+        train.check_program(config, shared.prepared(), flag)
+
+
 def run_points(points: list[Point], shared: train.Shared, stop: StopSignals) -> None:
+    checked = False
     for number, (name, config) in enumerate(points, 1):
         if stop.agree():  # every process together, between two runs
             raise Interrupted(stop.agreed, f"before run {number} of {len(points)} ({name}); re-running the same "
@@ -537,9 +546,10 @@ def run_points(points: list[Point], shared: train.Shared, stop: StopSignals) -> 
             log(f"[{number}/{len(points)}] {name}: " + ("finished earlier, skipped" if verdict == FINISHED else
                                                        "ended earlier (diverged or crashed), skipped"))
             continue
+        if not checked:  # at the first run that trains: a sweep of finished runs loads no data
+            check_programs([point.config for point in points], shared)
+            checked = True
         log(f"[{number}/{len(points)}] {name}")
-        for batch in {p.config.batch_size for p in points}:  # with the data known, before the first run trains
-            train.batch_share(batch, shared.prepared(), "--batch-sizes")
         try:
             train.run(config, shared, stop)
         except Diverged as error:

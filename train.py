@@ -27,6 +27,7 @@ import checkpoint
 import data
 import steps
 import noise_scale
+from config import check_output
 from config import parse as parse_config
 from device_data import Prepared, load_split, prepare, prepare_split
 from errors import Diverged, Interrupted, UsageError, exit_on_failure
@@ -73,14 +74,7 @@ def build_programs(config, prepared: Prepared) -> Programs:
     optimiser = make_optimiser(config.optimiser, config.schedule, config.warmup_steps,
                                config.inner_steps * config.outer_steps, config.lamb_exclude_biases, config.ema,
                                config.lbfgs_memory)
-    per_device_batch = batch_share(config.batch_size, prepared)
-    # A whole-set chunk holds whole images (all 8 forms): the noise estimate is then image-level. A penalty's
-    # blocks lie within the chunks.
-    group = 1 if per_device_batch else prepared.stride
-    per_device = per_device_batch or prepared.train_data[0].shape[1]
-    if config.gradient_penalty:
-        check_penalty_blocks(config.penalty_block, per_device)
-        group = math.lcm(group, config.penalty_block)
+    per_device_batch, per_device, group = check_program(config, prepared)
     microbatch = choose_microbatch(config, per_device, image_shape[0], group=group)
     whole_set = float(prepared.train_count * prepared.stride)
     step_kwargs = dict(example_count=float(config.batch_size or whole_set), population=whole_set,
@@ -102,11 +96,26 @@ def build_programs(config, prepared: Prepared) -> Programs:
     return Programs(model, optimiser, inner, evaluate, inner_mode, microbatch, image_shape, step_kwargs)
 
 
-def check_penalty_blocks(block: int, per_device: int) -> None:
+def check_program(config, prepared: Prepared, flag: str = "--batch-size") -> tuple[int, int, int]:
+    """Every refusal build_programs makes, before anything is compiled (a sweep and a study call it for each of
+    their runs before the first trains), and what it decides from them: each device's share of a drawn batch (0
+    for the whole set), the examples a device holds per step, and the group a gradient chunk is a multiple of."""
+    per_device_batch = batch_share(config.batch_size, prepared, flag)
+    # A whole-set chunk holds whole images (all 8 forms): the noise estimate is then image-level. A penalty's
+    # blocks lie within the chunks.
+    group = 1 if per_device_batch else prepared.stride
+    per_device = per_device_batch or prepared.train_data[0].shape[1]
+    if config.gradient_penalty:
+        check_penalty_blocks(config.penalty_block, per_device, flag)
+        group = math.lcm(group, config.penalty_block)
+    return per_device_batch, per_device, group
+
+
+def check_penalty_blocks(block: int, per_device: int, flag: str = "--batch-size") -> None:
     """Each device's examples of a step must be whole penalty blocks: a rest would go unpenalised, silently."""
     if block > per_device:
         raise UsageError(f"--penalty-block {block} is more than the {per_device} examples a device holds per step: "
-                         "a smaller block, or a larger --batch-size")
+                         f"a smaller block, or a larger {flag}")
     if per_device % block:
         raise UsageError(f"--penalty-block {block} does not divide the {per_device} examples a device holds per "
                          "step: a block that divides them")
@@ -192,15 +201,13 @@ def run(config, shared: Shared | None = None, stop: StopSignals | None = None) -
 
 
 def check_writable(output_dir: str | None) -> None:
-    """Refuse an --output-dir this process cannot create or write, before any data is loaded."""
+    """Refuse an --output-dir this process cannot create or write, before any data is loaded (checked again
+    here, where the run starts: a sweep's later runs start long after their flags were checked), and make it."""
     if not output_dir:
         return
+    check_output("--output-dir", output_dir, folder=True)
     try:
         os.makedirs(output_dir, exist_ok=True)
-        probe = os.path.join(output_dir, f".writable-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
     except OSError as error:
         raise UsageError(f"--output-dir {output_dir} cannot be written: {error.strerror or error}") from None
 

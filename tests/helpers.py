@@ -1,4 +1,5 @@
-"""What several test files share: processes with emulated devices, free ports, image folders, metrics."""
+"""What several test files share: processes with emulated devices, free ports, image folders, metrics, and
+what TensorBoard shows of a run."""
 import json
 import os
 import socket
@@ -8,9 +9,11 @@ import time
 
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from PIL import Image
 
 from conftest import ROOT
+from metrics import TAGS
 
 SMALL = ["--dataset", "synthetic", "--image-size", "16", "--channels", "8,16", "--dense", "16"]
 
@@ -20,13 +23,20 @@ def device_env(devices: int = 8, **extra) -> dict:
     return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), **extra)
 
 
-def run_train(args, devices=8, extra_env=None, timeout=300, check=True):
-    """train.py in a fresh process with `devices` emulated CPU devices."""
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], env=device_env(devices, **(
+def run_train(args, devices=8, extra_env=None, timeout=300, check=True, script="train.py"):
+    """train.py (or another entry point) in a fresh process with `devices` emulated CPU devices."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], env=device_env(devices, **(
         extra_env or {})), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-3000:]}")
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
+
+
+def one_process_cluster() -> list[str]:
+    """The flags of a multi-process run of one process: jax.distributed starts for it as on every host of a
+    pod (and on every Cloud TPU VM, where jax detects the cluster), so anything that asks jax for a device or
+    the process index before the join ends the process."""
+    return ["--coordinator-address", f"127.0.0.1:{free_port()}", "--num-processes", "1", "--process-id", "0"]
 
 
 def start_train(args, devices=8, process_id=None, port=None):
@@ -98,3 +108,33 @@ def latest_checkpoint(output_dir):
     tree = checkpoints.restore(outer, args=ocp.args.Composite(tree=ocp.args.StandardRestore())).tree
     checkpoints.close()
     return outer, tree
+
+
+def scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series TensorBoard shows for a run folder, as (step, value) pairs."""
+    # Imported here: only the tests that read event files pay for it.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def expected(records) -> dict[str, list[tuple[int, float]]]:
+    """What a run's records say TensorBoard should show: each numeric scalar, each array's update ratio."""
+    want = {}
+    for r in records:
+        for key, value in r.items():
+            if key not in ("outer", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                want.setdefault(TAGS.get(key, f"other/{key}"), []).append((r["step"], value))
+        for array, ratio in r["update_ratios"].items():
+            want.setdefault(f"update_ratio/{array}", []).append((r["step"], ratio))
+    return want
+
+
+def assert_shows(folder, records):
+    got, want = scalars(folder), expected(records)
+    assert set(got) == set(want)
+    for tag, series in want.items():
+        assert [step for step, _ in got[tag]] == [step for step, _ in series], tag  # each step once, in order
+        for (_, value), (_, wanted) in zip(got[tag], series):
+            assert value == pytest.approx(wanted, rel=1e-6), tag  # stored as float32

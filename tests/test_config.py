@@ -1,4 +1,5 @@
-"""One list of what defines a run, and the key under which a sweep shares compiled programs."""
+"""One list of what defines a run, and the key under which a sweep shares compiled programs; the output paths
+every entry point checks."""
 import dataclasses
 
 import jax
@@ -113,3 +114,33 @@ def test_the_target_counts_as_reached_at_exactly_its_accuracy():
     assert checkpoint.target_reached(history, 0.95) == {"outer": 2, "step": 20, "train_seconds": 2.0,
                                                         "elapsed_seconds": 4.0}
     assert checkpoint.target_reached(history, 0.96) is None
+
+
+@pytest.mark.parametrize("program,argv,message", [
+    ("train", ["--output-dir", "{file}/run"], "--output-dir {file}/run: {file} is not a folder"),
+    ("sweep", ["--output-dir", "/proc/sweep"], "--output-dir /proc/sweep cannot be written: "),
+    ("study", ["--pack", "{tmp}", "--output-dir", "{tmp}/runs"], "--pack {tmp} is a folder; give a file's path"),
+    ("study", ["--pack", "/proc/p.jsonl", "--output-dir", "{tmp}/runs"], "--pack /proc/p.jsonl cannot be written: "),
+    ("study", ["--pack", "{tmp}/p.jsonl", "--output-dir", "{file}"], "--output-dir {file} exists and is not a folder"),
+    ("bench", ["--json", "{tmp}"], "--json {tmp} is a folder; give a file's path"),
+    ("bench", ["--json", "/nonexistent/b.json"], "--json /nonexistent/b.json: its folder /nonexistent does not exist"),
+    ("bench", ["--profile", "{file}"], "--profile {file} exists and is not a folder"),
+    ("report", ["--out", "{tmp}"], "--out {tmp} is a folder; give a file's path"),
+    ("report", ["--out", "/nonexistent/R.md"], "--out /nonexistent/R.md: its folder /nonexistent does not exist"),
+    ("report", ["--events", "/proc/x"], "--events /proc/x cannot be written: "),
+    ("report", ["--events", "{file}"], "--events {file} exists and is not a folder"),
+])
+def test_every_output_path_that_cannot_be_written_is_refused_with_one_line_before_any_work(tmp_path, capsys, program,
+                                                                                           argv, message):
+    """A folder given for a file, a file under a missing folder, a folder where nothing can be made: once
+    tracebacks, bench.py's and study.py's only after their work had run."""
+    import importlib
+    (tmp_path / "file").write_text("")
+    values = {"tmp": tmp_path, "file": tmp_path / "file"}
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(program).main([a.format(**values) for a in argv])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert exit_info.value.code == 2 and out == "" and len(lines) == 1, err
+    assert lines[0].startswith(f"{program}.py: error: " + message.format(**values)), lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing made, not even a folder

@@ -8,41 +8,12 @@ import signal
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import metrics
 import report
 import sweep
 import train
-from helpers import SMALL, read_metrics, start_train, wait_for_records
+from helpers import SMALL, assert_shows, read_metrics, scalars, start_train, wait_for_records
 
 RUN = [*SMALL, "--synthetic-examples", "300", "--inner-steps", "3"]
-
-
-def scalars(folder) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series TensorBoard shows for a run folder, as (step, value) pairs."""
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
-def expected(records) -> dict[str, list[tuple[int, float]]]:
-    """What a run's records say TensorBoard should show: each numeric scalar, each array's update ratio."""
-    want = {}
-    for r in records:
-        for key, value in r.items():
-            if key not in ("outer", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                want.setdefault(metrics.TAGS.get(key, f"other/{key}"), []).append((r["step"], value))
-        for array, ratio in r["update_ratios"].items():
-            want.setdefault(f"update_ratio/{array}", []).append((r["step"], ratio))
-    return want
-
-
-def assert_shows(folder, records):
-    got, want = scalars(folder), expected(records)
-    assert set(got) == set(want)
-    for tag, series in want.items():
-        assert [step for step, _ in got[tag]] == [step for step, _ in series], tag  # each step once, in order
-        for (_, value), (_, wanted) in zip(got[tag], series):
-            assert value == pytest.approx(wanted, rel=1e-6), tag  # stored as float32
 
 
 def test_a_run_writes_every_scalar_of_every_record_once_per_step(tmp_path):

@@ -17,8 +17,8 @@ import checkpoint
 import data
 import train
 from conftest import ROOT
-from helpers import (SMALL, device_env, free_port, latest_checkpoint, make_images, outer_record, read_metrics,
-                     run_train, start_train, wait_for_records)
+from helpers import (SMALL, assert_shows, device_env, free_port, latest_checkpoint, make_images, outer_record,
+                     read_metrics, run_train, start_train, wait_for_records)
 from model import ConvNet
 
 RUN = [*SMALL, "--synthetic-examples", "300", "--inner-steps", "3"]
@@ -268,9 +268,11 @@ def test_a_resumed_run_recomputes_the_target_from_its_records(tmp_path, two_oute
 def test_a_folder_whose_checkpoints_are_gone_keeps_its_metrics_aside_and_trains_afresh(tmp_path, capsys,
                                                                                         two_outer_loops):
     """Its metrics.jsonl holds a run (checkpoints deleted, or a kill between an outer loop's record and its
-    checkpoint): the run starts over, and the old records are kept in a file of their own, not written over."""
+    checkpoint): the run starts over, and the old records are kept in a file of their own, not written over.
+    The event files that mirror them go aside with them: TensorBoard showed every step twice."""
     shutil.copytree(two_outer_loops[0], tmp_path, dirs_exist_ok=True)
     before = (tmp_path / "metrics.jsonl").read_text()
+    old_records = read_metrics(tmp_path)[1]
     shutil.rmtree(tmp_path / "checkpoints")
     capsys.readouterr()
     train.main([*TWO_OUTER_LOOPS, "--output-dir", str(tmp_path)])
@@ -278,7 +280,16 @@ def test_a_folder_whose_checkpoints_are_gone_keeps_its_metrics_aside_and_trains_
     assert kept.read_text() == before
     assert f"holds the metrics of a run but no checkpoint to resume it from: they are kept as {kept.name}, and the " \
            "run starts afresh" in capsys.readouterr().out
-    assert [r["step"] for r in read_metrics(tmp_path)[1]] == [3, 6] and "resumed_after_outer" not in before
+    records = read_metrics(tmp_path)[1]
+    assert [r["step"] for r in records] == [3, 6] and "resumed_after_outer" not in before
+    assert_shows(tmp_path, records)  # each step once, the new run's
+    (aside,) = tmp_path.glob("events.*.old")
+    assert aside.name == f"events.{kept.name.split('.')[2]}.old"  # named as the kept metrics
+    assert_shows(aside, old_records)  # the old run, whole, as a run of its own
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert len(events.Tensors("run/text_summary")) == 1  # the run's definition once
 
 
 def test_rerunning_a_finished_run_changes_nothing(tmp_path, capsys):
@@ -558,3 +569,35 @@ def test_a_drawn_batch_run_is_not_resumed_on_another_device_layout(tmp_path, cap
     capsys.readouterr()
     train.main([*args, "--outer-steps", "2"])
     assert "resuming after outer loop 1" in capsys.readouterr().out
+
+
+def test_a_drawn_batch_checkpoint_written_before_the_layout_was_recorded_resumes_only_on_its_header_s(tmp_path):
+    """Its progress has no draw_layout: the metrics header's counts (the run's start) stand for it, and with no
+    header the layout cannot be known, so it is refused (it once resumed on any layout, silently). Only the
+    progress record is read, so a checkpoint of a stand-in tree is enough."""
+    import config as config_module
+    import orbax.checkpoint as ocp
+    run = config_module.parse([*RUN, "--batch-size", "64", "--optimiser", "adam", "--outer-steps", "2",
+                               "--output-dir", str(tmp_path)])
+    progress = {**checkpoint.initial_progress(run), "outer": 1}
+    del progress["draw_layout"]
+    checkpoints = checkpoint.manager(str(tmp_path), 2)
+    checkpoints.save(1, args=ocp.args.Composite(tree=ocp.args.StandardSave({"stand_in": np.zeros(1)}),
+                                                progress=ocp.args.JsonSave(progress)),
+                     metrics={"validation_accuracy": 0.5})
+    checkpoints.wait_until_finished()
+
+    def resume_with_header(header):
+        if header is None:
+            (tmp_path / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            (tmp_path / "metrics.jsonl").write_text(json.dumps({"config": {}, **header}) + "\n")
+        return checkpoint.resume_point(run, checkpoints)
+    assert resume_with_header({"processes": 1, "devices": 8})["outer"] == 1  # this process's own layout
+    with pytest.raises(checkpoint.UsageError, match="its layout, 2 process[(]es[)] x 4 devices in all, and this one "
+                                                    "is 1 x 8: resume it on its own layout"):
+        resume_with_header({"processes": 2, "devices": 4})
+    for header in (None, {"devices": 8}):  # no header, or one without the process count
+        with pytest.raises(checkpoint.UsageError, match="nor a metrics.jsonl header there says what it was"):
+            resume_with_header(header)
+    checkpoints.close()

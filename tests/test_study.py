@@ -5,7 +5,7 @@ import os
 import pytest
 
 import study
-from helpers import SMALL, read_metrics
+from helpers import SMALL, one_process_cluster, read_metrics, run_train
 from metrics import read_pack
 
 FIXED = [*SMALL, "--synthetic-examples", "300", "--inner-steps", "4", "--outer-steps", "3"]
@@ -92,10 +92,27 @@ def test_the_fastest_correct_variant_of_a_bench_file_is_taken(tmp_path):
              "images_per_second": 8e6, "logits_relative_error": 1e-7},
             {"name": "broken", "variant": "broken", "error": "out of memory"}]
     (tmp_path / "bench.json").write_text(json.dumps({"rows": rows}))
-    assert study.fastest_variant(str(tmp_path / "bench.json"), "bfloat16") == {
-        "conv": "space_to_depth", "remat_gelu": True, "microbatch": 50}
+    assert study.fastest_variant(str(tmp_path / "bench.json"), "bfloat16") == (
+        {"conv": "space_to_depth", "remat_gelu": True, "microbatch": 50},
+        f"fastest variant in {tmp_path / 'bench.json'}: b (2,000,000 img/s)")
     with pytest.raises(study.UsageError, match="no correct float16 variant"):
         study.fastest_variant(str(tmp_path / "bench.json"), "float16")
+
+
+def test_a_study_with_a_variant_starts_as_one_process_of_a_cluster(tmp_path):
+    """The variant was logged while the flags were parsed, which asked jax for the process index before
+    jax.distributed started: a traceback wherever it starts (every Cloud TPU VM). No run fits the budget, so
+    nothing trains; the process joins, says the variant, and ends the study."""
+    rows = [{"name": "fast", "conv": "xla", "remat_gelu": False, "microbatch": 8, "dtype": "float32",
+             "images_per_second": 1e6, "logits_relative_error": 1e-7}]
+    (tmp_path / "bench.json").write_text(json.dumps({"rows": rows}))
+    result = run_train(["--pack", str(tmp_path / "p.jsonl"), "--output-dir", str(tmp_path / "runs"), "--variant-from",
+                        str(tmp_path / "bench.json"), "--budget-seconds", "1", *FIXED, *one_process_cluster()],
+                       devices=2, check=False, script="study.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "joining 1 processes" in result.stdout and f"fastest variant in {tmp_path / 'bench.json'}: fast" in \
+        result.stdout and "study: ran 0, skipped" in result.stdout
+    assert read_pack(str(tmp_path / "p.jsonl")) == {}  # only the study's own line: no run
 
 
 def test_the_plan_runs_lamb_at_the_default_epsilon_and_again_at_optaxs():
@@ -139,6 +156,14 @@ def test_lamb_s_own_option_goes_to_the_plan_s_lamb_runs_only_and_every_run_is_ch
         study.run_study(*study.parse_args(["--pack", str(tmp_path / "p.jsonl"), "--output-dir", str(tmp_path),
                                            *FIXED]))
     assert not (tmp_path / "lamb-lr0.01-wd0-eps3.125e-08-warmup_cosine-s0").exists()  # refused before it trained
+
+
+def test_what_the_runs_programs_refuse_is_refused_before_the_first_run_makes_its_folder(tmp_path):
+    with pytest.raises(study.UsageError, match="--penalty-block 16 is more than the 8 examples a device holds"):
+        study.run_study(*study.parse_args(["--pack", str(tmp_path / "p.jsonl"), "--output-dir", str(tmp_path / "runs"),
+                                           "--budget-seconds", "1e9", "--batch-size", "64", "--gradient-penalty", "0.1",
+                                           "--penalty-block", "16", *FIXED]))
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_run_that_crashes_is_packed_whole_header_first(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import sweep
 import train
 from errors import UsageError
 from conftest import ROOT
-from helpers import SMALL, device_env, make_folder, read_metrics, wait_for_records
+from helpers import SMALL, device_env, make_folder, one_process_cluster, read_metrics, run_train, wait_for_records
 
 FIXED = [*SMALL, "--synthetic-examples", "300", "--inner-steps", "4", "--outer-steps", "3", "--target-accuracy", "0.3"]
 
@@ -242,16 +242,36 @@ def test_a_value_given_twice_runs_once_and_counts_once(tmp_path, capsys):
     assert "sweep.py: --seeds 0,0 lists a value more than once; each runs once: 0" in err
 
 
-def test_every_batch_size_of_the_grid_is_checked_before_the_first_run_trains(tmp_path, capsys):
-    for sizes, message in [("16,24,12", "--batch-sizes 12 does not split over the 8 devices"),
-                           ("64,4096", "--batch-sizes 4096 is above the 1,920 training examples")]:
+def test_every_point_of_the_grid_is_checked_before_the_first_run_trains(tmp_path, capsys):
+    """Everything train.py's programs refuse, for every point, before the first trains or makes its folder: the
+    penalty block once came after the b64 run had trained (8 examples per device; the b32 run's 4 are too few)."""
+    for sizes, more, message in [
+            ("16,24,12", [], "--batch-sizes 12 does not split over the 8 devices"),
+            ("64,4096", [], "--batch-sizes 4096 is above the 1,920 training examples"),
+            ("64,32", ["--gradient-penalty", "0.1", "--penalty-block", "8"],
+             "--penalty-block 8 is more than the 4 examples a device holds per step: a smaller block, or a larger "
+             "--batch-sizes")]:
         out = tmp_path / sizes.replace(",", "-")
         with pytest.raises(SystemExit) as exit_info:
             sweep.main(["--optimisers", "adam", "--batch-sizes", sizes, "--batch-inner-steps", "same",
-                        "--output-dir", str(out), *FIXED])
+                        "--output-dir", str(out), *FIXED, *more])
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and err[-1].startswith(f"sweep.py: error: {message}"), err
-        assert not list(tmp_path.glob("**/metrics.jsonl"))  # no run trained
+        assert not out.exists() or not list(out.iterdir())  # no run trained, nor made its folder
+
+
+def test_a_sweep_starts_as_one_process_of_a_cluster(tmp_path):
+    """Nothing may ask jax for a device or the process index before jax.distributed starts (a traceback on every
+    host of a pod otherwise). The runs crashed earlier, so nothing trains: the process joins, skips them and
+    writes the leaderboard."""
+    argv = ["--optimisers", "sgd", "--sgd-rates", "0.1,0.3", "--output-dir", str(tmp_path), *FIXED]
+    points = sweep.grid_points(*sweep.parse_args(argv))
+    for point in points:
+        sweep.record_crash(point.config, RuntimeError("earlier"))
+    result = run_train([*argv, *one_process_cluster()], devices=2, check=False, script="sweep.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "joining 1 processes" in result.stdout and "ended earlier (diverged or crashed), skipped" in result.stdout
+    assert (tmp_path / "leaderboard.md").read_text().count("| crashed |") == len(points) == 2
 
 
 def test_default_values_written_otherwise_are_no_unused_lists_and_lamb_s_own_option_stays_lamb_s(tmp_path):
