@@ -9,6 +9,7 @@ skeleton of headings and markers. Every number comes from a run's `metrics.jsonl
 `*.metrics.jsonl` (a kept file), or a bench JSON beside it, under the folders named in BLOCKS.
 """
 import glob
+import itertools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ EPSILON, BATCH = "cpu-epsilon-256x8", "cpu-batch-256x8"
 CRITICAL = "cpu-batch-full"  # steps to a target against batch size on all 21,600 training images
 REGULARISED = "cpu-regularisers-256x8"  # the regularisers of a whole-set batch, each alone and combined
 REGULARISED_LONG = "cpu-regularisers-long-256x8"  # the same over 300 steps, where Adam fits its images exactly
+LATER = ("cpu-muon-256x8", "cpu-lbfgs-256x8")  # Muon and L-BFGS at section 1's scale, beside its three
 THRESHOLDS = (0.5, 0.9, 0.95)
 
 
@@ -88,13 +90,13 @@ def setting(run: dict) -> tuple:
     c = run["config"]
     return (c["optimiser"], c["learning_rate"], c.get("weight_decay", 0.0) if c["optimiser"] != "sgd" else None,
             c.get("momentum") if c["optimiser"] == "sgd" else None, c.get("schedule", "constant"),
-            c.get("warmup_steps", 0), c["epsilon"])
+            c.get("warmup_steps", 0), c["epsilon"], c.get("lbfgs_memory") if c["optimiser"] == "lbfgs" else None)
 
 
 def describe(key: tuple) -> str:
     """A setting in words; epsilon, as in sweep.py's run names, only where it is not optax's."""
-    optimiser, rate, decay, momentum, schedule, warmup, epsilon = key
-    words = [optimiser, f"lr {rate:g}"]
+    optimiser, rate, decay, momentum, schedule, warmup, epsilon, memory = key
+    words = [optimiser, f"lr {rate:g}"] + ([f"memory {memory}"] if memory else [])
     words += [f"momentum {momentum:g}"] if optimiser == "sgd" else [f"wd {decay:g}"] if decay else []
     words += [f"eps {epsilon:g}"] if epsilon != OPTAX_EPSILONS[optimiser] else []
     words += [f"{schedule} ({warmup} warmup steps)"] if schedule != "constant" else []
@@ -546,6 +548,75 @@ def critical_batch_block(runs: list[dict], folder: str, whole_set_runs: list[dic
                         "critical_batch.png)"]
 
 
+def seconds_per_step(run: dict) -> float | None:
+    """A run's median seconds per step, its first outer loop (with the compile) left out."""
+    later = [r["inner_seconds"] / run["config"]["inner_steps"] for r in run["records"][1:]]
+    return statistics.median(later) if later else None
+
+
+def evaluations_per_step(run: dict) -> float | None:
+    """Loss-and-gradient evaluations per step (L-BFGS records its line searches'; every other step makes one)."""
+    counted = [r["evaluations"] for r in run["records"] if "evaluations" in r]
+    return sum(counted) / (len(counted) * run["config"]["inner_steps"]) if counted else None
+
+
+def later_optimisers_block(later: list[dict], blog: list[dict], folder: str) -> list[str]:
+    """Muon and L-BFGS beside the best setting of each of section 1's optimisers: the best validation accuracy
+    (median and range over seeds), median steps to 0.5, seconds and loss evaluations per step."""
+    settings = by_setting(later)
+    best_blog = [next(s for s in by_setting(blog) if s["key"][0] == name) for name in sorted(
+        {r["config"]["optimiser"] for r in blog})]
+    rows = []
+    for s in sorted(settings + best_blog, key=lambda s: -s["median"]):
+        seconds = [v for v in map(seconds_per_step, s["runs"]) if v is not None]
+        evaluations = [v for v in map(evaluations_per_step, s["runs"]) if v is not None]
+        copied = any(s is b for b in best_blog)
+        rows.append([describe(s["key"]) + (" (section 1's best)" if copied else ""), f"{s['median']:.4f}",
+                     f"{s['low']:.4f} - {s['high']:.4f}", s["seeds"], steps_text(s, 0.5),
+                     f"{statistics.median(seconds):.2f}" if seconds else "-",
+                     f"{statistics.median(evaluations):.2f}" if evaluations else "1"])
+    commands = []
+    for name in sorted({r["config"]["optimiser"] for r in later}):
+        group = [r for r in later if r["config"]["optimiser"] == name]
+        values = ",".join(sorted({f"{r['config']['learning_rate']:g}" for r in group}, key=float))
+        extra = f"--optimisers {name} --{name}-rates {values}"
+        if name == "lbfgs":
+            extra += " --lbfgs-memories " + ",".join(str(m) for m in sorted({r["config"]["lbfgs_memory"]
+                                                                             for r in group}))
+        extra += " --seeds " + ",".join(str(v) for v in sorted({r["config"]["seed"] for r in group}))
+        commands.append(command_text(group[0], "sweep.py", f"{extra} --output-dir runs/{name}", group))
+    lines = [f"Scale: {scale_text(later[0])}; {device_text(later[0], folder)}.", "", "```", *commands, "```", "",
+             table(["setting", "median best val. acc.", "min - max over seeds", "seeds", "median steps to 0.5",
+                    "s per step (median)", "loss evaluations per step"], rows), "",
+             "Seconds per step are of one sitting each, on the shared 2-core machine: compare within a row's "
+             "runs, and across rows only roughly.", "",
+             f"![validation accuracy against step and against loss evaluations]({folder}/later_optimisers.png)"]
+    draw_later(os.path.join(folder, "later_optimisers.png"),
+               [s["runs"][0] for s in best_blog] + [run for s in settings for run in s["runs"]])
+    return lines
+
+
+def draw_later(path: str, runs: list[dict]) -> None:
+    """Validation accuracy against step, and against loss evaluations (L-BFGS's line searches counted)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, (by_step, by_evaluation) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for run in sorted(runs, key=lambda r: r["name"]):
+        steps = [r["step"] for r in run["records"]]
+        evaluations = list(itertools.accumulate(r.get("evaluations", run["config"]["inner_steps"])
+                                                for r in run["records"]))
+        accuracy = [r["validation_accuracy"] for r in run["records"]]
+        for axes, x in ((by_step, steps), (by_evaluation, evaluations)):
+            axes.plot(x, accuracy, marker=".", label=run["name"], alpha=0.8)
+    by_step.set(xlabel="step", ylabel="validation accuracy", title="against steps")
+    by_evaluation.set(xlabel="loss and gradient evaluations", title="against evaluations")
+    by_evaluation.legend(fontsize=6, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def options_text(config: dict) -> str:
     """A run's regularisers in words ("none" for none; a config from before they existed has none)."""
     words = [f"ema {config['ema']:g}" if config.get("ema") else "",
@@ -740,6 +811,10 @@ def blocks(root: str) -> dict[str, tuple[str, list[str]]]:
     if critical_runs:
         made["critical-batch"] = ("The critical batch on the full training set",
                                   critical_batch_block(critical_runs, f"{root}/{CRITICAL}", full_runs))
+    later_runs = [run for name in LATER for run in load_runs(os.path.join(root, name))]
+    made["later-optimisers"] = ("11. Muon and L-BFGS (reduced scale)",
+                                later_optimisers_block(later_runs, sweep_runs, f"{root}/{LATER[0]}") if later_runs
+                                else Placeholder([f"No runs under {root}/{LATER[0]} or {root}/{LATER[1]} yet."]))
     study_runs = load_runs(os.path.join(root, STUDY))  # RESULTS.md keeps its block before a GPU has run it
     made["study"] = ("6. The full-scale study", study_block(study_runs, f"{root}/{STUDY}") if study_runs else
                      Placeholder([f"No study pack under {root}/{STUDY} yet: the study runs on a lent GPU "

@@ -27,7 +27,7 @@ import jax
 
 import sweep
 import train
-from config import Config, check_output
+from config import DEFAULT_LEARNING_RATES, Config, check_output
 from config import parse as parse_config
 from config import parser
 from errors import DataError, Diverged, Interrupted, PeerError, UsageError, exit_on_failure
@@ -46,6 +46,11 @@ PLAN = [
     {"optimiser": "lamb", "learning_rate": 1e-2},
     {"optimiser": "adam", "learning_rate": 3e-3},
     {"optimiser": "sgd", "learning_rate": 0.1},
+    # Then the two later optimisers (RESULTS.md section 11): Muon at its default rate (config.py, from the
+    # reduced-scale bracket), and L-BFGS, whose line search sets each step (so no schedule) on the exact
+    # whole-set gradient, at optax's memory.
+    {"optimiser": "muon", "learning_rate": DEFAULT_LEARNING_RATES["muon"]},
+    {"optimiser": "lbfgs", "learning_rate": 1.0, "schedule": "constant", "warmup_steps": 0},
     {"optimiser": "lamb", "learning_rate": 1e-2, "epsilon": 1e-6},
     {"optimiser": "lamb", "learning_rate": 2e-2},
     {"optimiser": "lamb", "learning_rate": 5e-3},

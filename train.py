@@ -302,12 +302,11 @@ def outer_loops(config, prepared: Prepared, programs: Programs, checkpoints, res
                 checkpoint.save(checkpoints, state, best_params, progress, record["validation_accuracy"])
             if config.stop_at_target and finished and outer < config.outer_steps:
                 log(f"stopping: reached --target-accuracy {config.target_accuracy}")
-            if record.get("line_search_stuck") and not finished:
-                raise Diverged(f"L-BFGS's line search found no sufficient decrease in the last step of outer loop "
-                               f"{outer} (step {record['step']}; {record['line_search_failures']} of its "
-                               f"{config.inner_steps} steps fell short): the loss no longer decreases along its "
-                               "direction (converged to float precision, or stuck); its checkpoint and best params "
-                               "stand")
+            if record.get("line_search_failures") and not finished:
+                raise Diverged(f"L-BFGS's line search found no sufficient decrease in {record['line_search_failures']}"
+                               f" of the {config.inner_steps} steps of outer loop {outer} (to step {record['step']}): "
+                               "the loss no longer decreases along its direction (converged to float precision, or "
+                               "a step that went wrong leaves it stuck); its checkpoint and best params stand")
         summary = summarise(config, prepared, programs, best_params, progress)
         metrics.write({"summary": summary})
         return summary
@@ -370,12 +369,13 @@ def optimiser_record(config, outer: int, statistics: dict) -> dict:
 
 
 def line_search_record(config, statistics) -> dict:
-    """L-BFGS's outer loop: the loss evaluations its steps made (one each, plus their line searches'), how many
-    line searches found no sufficient decrease, and whether the last one did not."""
+    """L-BFGS's outer loop: the loss evaluations its steps made (one each, plus their line searches'), and how
+    many of its line searches found no sufficient decrease (one stops the run: its steps after it went nowhere
+    when measured, so it is not a hiccup to train through)."""
     if config.optimiser != "lbfgs":
         return {}
-    total, last = (np.asarray(jax.device_get(statistics[key][0])) for key in ("sums", "last_sums"))
-    return {"evaluations": int(total[2]), "line_search_failures": int(total[3]), "line_search_stuck": bool(last[3])}
+    total = np.asarray(jax.device_get(statistics["sums"][0]))
+    return {"evaluations": int(total[2]), "line_search_failures": int(total[3])}
 
 
 def keep_best(config, record: dict, params, best_params, progress: dict):

@@ -56,6 +56,43 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path):
         assert [json.loads(line)["resumed_after_outer"] for line in f if "resumed_after_outer" in line] == [2]
 
 
+@pytest.mark.parametrize("optimiser", ["muon", "lbfgs"])
+def test_the_later_optimisers_resume_bit_for_bit_and_their_inner_loops_agree(tmp_path, optimiser):
+    """Muon's momenta and L-BFGS's curvature pairs and line-search state live in the optimiser state: a resumed
+    run equals the uninterrupted one bit for bit; the compiled inner loop gives the Python loop's steps, and
+    for L-BFGS the same loss evaluations."""
+    run = [*RUN, "--optimiser", optimiser, "--inner-loop", "python"]
+    train.main([*run, "--outer-steps", "2", "--output-dir", str(tmp_path / "whole")])
+    train.main([*run, "--outer-steps", "1", "--output-dir", str(tmp_path / "parts")])
+    train.main([*run, "--outer-steps", "2", "--output-dir", str(tmp_path / "parts"), "--resume"])
+    assert outcomes(tmp_path / "parts") == outcomes(tmp_path / "whole")
+    assert_same_tree(latest_checkpoint(tmp_path / "parts")[1], latest_checkpoint(tmp_path / "whole")[1])
+    compiled = [*RUN, "--optimiser", optimiser, "--inner-loop", "compiled", "--outer-steps", "2"]
+    train.main([*compiled, "--output-dir", str(tmp_path / "compiled")])
+    records = {mode: read_metrics(tmp_path / mode)[1] for mode in ("whole", "compiled")}
+    np.testing.assert_allclose([r["loss"] for r in records["compiled"]], [r["loss"] for r in records["whole"]],
+                               rtol=1e-4)
+    if optimiser == "lbfgs":
+        assert [r["evaluations"] for r in records["compiled"]] == [r["evaluations"] for r in records["whole"]]
+        assert all(r["evaluations"] > 3 and r["line_search_failures"] == 0 for r in records["whole"])  # 3 steps
+
+
+def test_an_lbfgs_run_whose_line_search_finds_no_decrease_stops_with_exit_code_3(tmp_path, capsys):
+    """A first trial step 1e30 times the direction: no sufficient decrease within the line search's 20 halvings.
+    The run stops after its first outer loop, which is recorded and checkpointed (its params are finite), with
+    one line."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*RUN, "--optimiser", "lbfgs", "--learning-rate", "1e30", "--outer-steps", "3",
+                    "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 3
+    message = [line for line in capsys.readouterr().err.splitlines() if "line search" in line]
+    assert len(message) == 1 and "found no sufficient decrease in 1 of the 3 steps of outer loop 1 " in message[0]
+    records = read_metrics(tmp_path)[1]
+    assert [r["outer"] for r in records] == [1] and records[0]["line_search_failures"] == 1
+    assert records[0]["evaluations"] == 3 + 20 + 1 + 1  # one a step; the failed search its limit of 20, then one each
+    assert latest_checkpoint(tmp_path)[0] == 1
+
+
 def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
     train.main([*RUN, "--outer-steps", "6", "--keep-checkpoints", "2", "--optimiser", "adam",
                 "--learning-rate", "0.02", "--output-dir", str(tmp_path)])

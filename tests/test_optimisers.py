@@ -122,10 +122,10 @@ def test_lbfgs_steps_equal_optax_lbfgs_driven_directly_on_the_whole_batch(device
 
 
 def test_a_line_search_that_finds_no_decrease_is_reported_as_such():
-    """A first trial step of 1e-30 along the direction changes no float32 loss: no sufficient decrease."""
+    """A first trial step 1e30 times the direction: the line search halves it 20 times and finds no decrease."""
     split, model, params = small_problem(8)
     state = lbfgs_state(model, params)
-    state = optimisers.with_hyperparams(state, config.Config(optimiser="lbfgs", learning_rate=1e-30))
+    state = optimisers.with_hyperparams(state, config.Config(optimiser="lbfgs", learning_rate=1e30))
     state = flax.jax_utils.replicate(state)
     batch = parallel.on_devices(*data.pad_and_shard(split, 8, 1))
     step = jax.pmap(functools.partial(steps.observed_step, example_count=8.0, population=8.0, microbatch=0,

@@ -304,7 +304,21 @@ def test_a_bfloat16_run_learns_end_to_end_and_its_best_params_give_its_best_accu
     (["--epsilon", "0"], "--epsilon must be positive, got 0.0"),
     (["--train-eval-examples", "0"], "--train-eval-examples must be positive, got 0"),
     (["--optimiser", "adam", "--momentum", "0.5"], "--momentum is SGD's; adam has none"),
-    (["--optimiser", "sgd", "--weight-decay", "0.1"], "--weight-decay is LAMB's and Adam's (decoupled); sgd has none"),
+    (["--optimiser", "sgd", "--weight-decay", "0.1"],
+     "--weight-decay is LAMB's, Adam's and Muon's (decoupled); sgd has none"),
+    (["--optimiser", "lbfgs", "--weight-decay", "0.1"], "--weight-decay is LAMB's, Adam's and Muon's (decoupled); "
+                                                        "lbfgs"),
+    (["--optimiser", "lbfgs", "--batch-size", "64"], "--batch-size: lbfgs takes the whole set as its batch"),
+    (["--optimiser", "lbfgs", "--schedule", "warmup_cosine", "--warmup-steps", "2"],
+     "--schedule warmup_cosine: lbfgs's line search chooses each step's length"),
+    (["--optimiser", "lbfgs", "--gradient-penalty", "0.1"], "--gradient-penalty: lbfgs's line search evaluates"),
+    (["--optimiser", "lbfgs", "--lbfgs-memory", "0"], "--lbfgs-memory must be positive, got 0"),
+    (["--lbfgs-memory", "5"], "--lbfgs-memory is L-BFGS's; lamb keeps no curvature pairs"),
+    (["--optimiser", "muon", "--momentum", "0.5"], "--momentum is SGD's; muon has none to set (Muon's momentum is "
+                                                   "optax's 0.95)"),
+    (["--optimiser", "muon", "--epsilon", "1e-6"], "--epsilon is LAMB's and Adam's; muon has none here"),
+    (["--optimiser", "sgd", "--epsilon", "1e-6"], "--epsilon is LAMB's and Adam's; sgd has none here"),
+    (["--optimiser", "muon", "--lamb-exclude-biases"], "--lamb-exclude-biases is LAMB's; muon has no trust ratio"),
     (["--warmup-steps", "5"], "--warmup-steps needs a warmup schedule: add --schedule warmup_cosine or warmup_linear"),
     (["--output-dir", "gs://bucket/run"], "--output-dir gs://bucket/run: a URL is not a folder train.py can write; "
                                           "give a folder every host sees"),
