@@ -30,7 +30,8 @@ import train
 from config import DEFAULT_EPSILONS, DEFAULT_LEARNING_RATES, OPTAX_EPSILONS, OPTIMISERS, Config, check, defaults_before
 from config import parse as parse_config
 from config import parser
-from errors import DataError, Diverged, Interrupted, PeerError, UsageError, exit_on_failure
+from errors import DataError, Diverged, Interrupted, PeerError, UsageError, diverged_loss, exit_on_failure
+from metrics import header_classes
 from parallel import init_distributed, log
 from stopping import StopSignals
 
@@ -244,7 +245,9 @@ def leaderboard_rows(points):
     for name, c in points:
         header, records, end = read_run(c.output_dir)
         best = max(records, key=lambda r: r["validation_accuracy"], default=None)
-        status = "diverged" if end.get("diverged") else "crashed" if end.get("crashed") else "ok"
+        # A run from before the rule for a finite loss that blew up is judged by it from its records.
+        diverged = end.get("diverged") or any(diverged_loss(r["loss"], header_classes(header)) for r in records)
+        status = "diverged" if diverged else "crashed" if end.get("crashed") else "ok"
         target = (end.get("summary") or {}).get("target") or {}
         batch = c.batch_size or header.get("examples_per_step", "")
         rows.append({"run": name, "optimiser": c.optimiser, "learning_rate": c.learning_rate, "batch_size": batch,

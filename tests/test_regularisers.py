@@ -274,7 +274,7 @@ def test_the_outer_loop_is_the_better_params_on_validation_raw_on_a_tie_and_the_
     from types import SimpleNamespace
     raw, average = {"w": np.ones(2, np.float32)}, {"w": np.full(2, 2.0, np.float32)}
     state = SimpleNamespace(params=raw, opt_state=(None, optimisers.AverageState(average)))
-    prepared = SimpleNamespace(val_count=10, train_count=10, stride=1, val_local_count=10)
+    prepared = SimpleNamespace(val_count=10, train_count=10, stride=1, val_local_count=10, num_classes=10)
     c = config.Config(ema=0.9, inner_steps=1, dataset="synthetic", output_dir=str(tmp_path))
     progress = {"outer": 0, "train_seconds": 0.0, "loss": 1.0,
                 "best": {"validation_accuracy": -1.0, "outer": None, "step": None}}

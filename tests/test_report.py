@@ -271,6 +271,22 @@ def test_a_run_the_report_cannot_read_is_refused_with_one_line_naming_the_file(t
     assert capsys.readouterr().err.strip() == f"report.py: error: --results {tmp_path / 'nowhere'} is not a folder"
 
 
+def test_a_run_recorded_before_the_rule_whose_finite_loss_blew_up_reads_as_diverged(tmp_path):
+    """Its file ends with a summary and holds no diverged line: the status comes from its records' losses by
+    train.py's rule (above 10 x ln(classes); 10 classes where the header does not say)."""
+    folder = tmp_path / report.CRITICAL
+    for name, loss, classes in [("blown", 3e12, None), ("spike", 20.0, None), ("two-classes", 7.0, 2)]:
+        write_run(folder, name, "lamb", 0.03, 0, [0.3, 0.1, 0.1])
+        path = folder / name / "metrics.jsonl"
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        lines[2]["loss"] = loss
+        if classes:
+            lines[0]["classes"] = classes
+        path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    status = {run["name"]: run["status"] for run in report.load_runs(str(folder))}
+    assert status == {"blown": "diverged", "spike": "ok", "two-classes": "diverged"}
+
+
 def test_the_empirical_model_is_recovered_from_steps_that_follow_it():
     import critical_batch
     batches = [32, 64, 128, 256, 512]
@@ -303,13 +319,16 @@ def test_the_critical_batch_block_fits_the_best_rate_per_batch_size_and_pools_th
     # adam at 3 batch sizes; steps to 0.7 = 40 x (checks before it + 1): 160, 120, 80 steps
     write_batch_run(folder, "adam", 0.001, 64, [0.5, 0.6, 0.66, 0.71], noise)
     write_batch_run(folder, "adam", 0.003, 64, [0.5, 0.6, 0.6, 0.6], noise)  # not reached: the other rate is best
+    write_batch_run(folder, "adam", 0.01, 64, [0.5, 0.1, 0.1, 0.1], noise)  # blew up (a finite loss): diverged
+    path = folder / "adam-lr0.01-b64" / "metrics.jsonl"
+    path.write_text(path.read_text().replace('"step": 80, "loss": 1.0', '"step": 80, "loss": 3e12'))
     write_batch_run(folder, "adam", 0.001, 256, [0.5, 0.66, 0.7, 0.7], noise)
     write_batch_run(folder, "adam", 0.001, 1024, [0.66, 0.7, 0.7, 0.7], noise)
     full = results / report.FULL_SCALE
     write_run(full, "lamb_1e-2", "lamb", 0.01, 0, [0.5, 0.66, 0.72])  # reached at step 30 of 10-step checks
     report.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md")])
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "| adam | 64 | 0.001, 0.003 (no) | 0.001 | 160 | 10,240 |" in text
+    assert "| adam | 64 | 0.001, 0.003 (no), 0.01 (no, diverged) | 0.001 | 160 | 10,240 |" in text
     assert "| adam | 256 | 0.001 | 0.001 | 120 | 30,720 |" in text
     assert "| adam | 1,024 | 0.001 | 0.001 | 80 | 81,920 |" in text
     # B_simple (examples: tr(Sigma) per example over |G|^2) at the target: the outer loops from the first at >= 0.65

@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 import shutil
 import signal
@@ -273,6 +274,21 @@ def test_run_names_carry_the_regularisers_and_settings_with_other_ones_are_not_s
             for options, accuracy in [("none", 0.5), ("none", 0.52), ("ema0.9", 0.6)]]
     (summary,) = sweep.optimiser_summary(rows)
     assert summary["best_setting"] == "lr 0.01 wd 0 eps 1e-06 ema0.9" and summary["seeds"] == 1
+
+
+def test_a_finished_run_whose_finite_loss_blew_up_before_the_rule_is_diverged_on_the_leaderboard(tmp_path):
+    """A run made before train.py stopped on a finite blown-up loss ended with a summary and no diverged line:
+    its status comes from its records by the same rule (above 10 x ln(10) here, its header naming no classes)."""
+    points = []
+    for name, loss in [("blown", 3e12), ("spike", 20.0)]:
+        c = config.Config(optimiser="lamb", dataset="synthetic", output_dir=str(tmp_path / name))
+        os.makedirs(c.output_dir)
+        records = [{"outer": 1, "step": 4, "loss": 2.0, "validation_accuracy": 0.3},
+                   {"outer": 2, "step": 8, "loss": loss, "validation_accuracy": 0.1}]
+        lines = [{"config": {}, "examples_per_step": 100}, *records, {"summary": {"target": None}}]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+        points.append(sweep.Point(name, c))
+    assert {r["run"]: r["status"] for r in sweep.leaderboard_rows(points)} == {"blown": "diverged", "spike": "ok"}
 
 
 def test_leaderboard_cells_give_rates_and_coefficients_as_given():
