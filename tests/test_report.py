@@ -294,6 +294,11 @@ def test_the_empirical_model_is_recovered_from_steps_that_follow_it():
     assert model["s_min"] == pytest.approx(300, rel=1e-3) and model["b_crit"] == pytest.approx(150, rel=1e-3)
     assert model["e_min"] == pytest.approx(45000, rel=2e-3) and model["rms_log_error"] < 1e-3
     assert critical_batch.steps_at(model, 150) == pytest.approx(600, rel=1e-3)
+    # At B_crit, S_min (1 + B_crit / B) and the examples' S_min (1 + B / B_crit) both give 600: away from it, the
+    # steps' form, by hand.
+    assert critical_batch.steps_at(model, 30) == pytest.approx(300 * 6, rel=1e-3)
+    assert critical_batch.steps_at(model, 1500) == pytest.approx(300 * 1.1, rel=1e-3)
+    assert critical_batch.steps_at({"s_min": 300.0, "b_crit": 150.0}, 30) == 1800.0
 
 
 def write_batch_run(folder, optimiser, rate, batch, accuracies, noise):
@@ -325,7 +330,12 @@ def test_the_critical_batch_block_fits_the_best_rate_per_batch_size_and_pools_th
     write_batch_run(folder, "adam", 0.001, 256, [0.5, 0.66, 0.7, 0.7], noise)
     write_batch_run(folder, "adam", 0.001, 1024, [0.66, 0.7, 0.7, 0.7], noise)
     full = results / report.FULL_SCALE
-    write_run(full, "lamb_1e-2", "lamb", 0.01, 0, [0.5, 0.66, 0.72])  # reached at step 30 of 10-step checks
+    # Whole-set runs checked every 10 steps; the fastest to 0.7 is neither the first nor the last by name or
+    # rate, nor the one of highest accuracy (1e-2), nor the slowest (7e-3); 9e-3 never gets there.
+    for name, rate, accuracies in [("lamb_1e-2", 0.01, [0.5, 0.66, 0.72, 0.9]), ("lamb_2.5e-3", 0.0025,
+                                   [0.5, 0.6, 0.65, 0.71]), ("lamb_5e-3", 0.005, [0.6, 0.71, 0.8]),
+                                   ("lamb_7e-3", 0.007, [0.5, 0.6, 0.65, 0.69, 0.7]), ("lamb_9e-3", 0.009, [0.5, 0.6])]:
+        write_run(full, name, "lamb", rate, 0, accuracies)
     report.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md")])
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| adam | 64 | 0.001, 0.003 (no), 0.01 (no, diverged) | 0.001 | 160 | 10,240 |" in text
@@ -340,7 +350,11 @@ def test_the_critical_batch_block_fits_the_best_rate_per_batch_size_and_pools_th
     fit_row = next(line for line in text.splitlines() if line.startswith("| adam | ") and "images)" in line)
     assert fit_row.startswith(f"| adam | {model['s_min']:,.0f} | {model['b_crit']:,.0f} (")
     assert "| 400 |" in fit_row  # pooled over the three: (1200 + 800 + 400) / 6
-    assert "best rate, 0.01, first reached 0.7 at step 30 (after step 20)" in text
+    # The prediction for the whole set (21,600 x 8 = 172,800 examples) by hand: S_min (1 + B_crit / B).
+    predicted = model["s_min"] * (1 + model["b_crit"] / 172800)
+    assert fit_row.endswith(f"| {predicted:,.0f} | {172800 / model['b_crit']:,.0f} |")
+    assert ("best rate, 0.005, first reached 0.7 at step 20 (after step 10); the others: 0.0025 at step 40, 0.007 at "
+            "step 50, 0.01 at step 30.") in text
     assert (folder / "critical_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
