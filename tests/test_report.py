@@ -417,3 +417,41 @@ def test_an_averaged_study_run_says_its_figures_are_the_better_of_two_and_gives_
             if line.startswith("| lamb-ema")]
     assert rows[0].startswith("| lamb-ema (each check the better of its params and their average; the average alone: "
                               "best 0.9100, last 0.9050) | 3 | 0.9300 |")
+
+
+def test_the_study_block_names_each_optimiser_s_best_run_among_several():
+    """The best is neither the first run given, nor the first by name, nor at the lowest or highest rate: the
+    choice is by best validation accuracy alone (one best per optimiser)."""
+    def run(name, optimiser, rate, accuracies):
+        records = [{"outer": i + 1, "step": 100 * (i + 1), "validation_accuracy": a, "images_per_second": 1e6,
+                    "train_seconds": 20.0 * (i + 1)} for i, a in enumerate(accuracies)]
+        return {"name": name, "config": {"optimiser": optimiser, "learning_rate": rate, "inner_steps": 100},
+                "header": {"examples_per_step": 172800, "validation_examples": 30, "devices": 1, "backend": "gpu",
+                           "jax": "0"}, "records": records, "status": "ok", "best": max(accuracies)}
+    runs = [run("lamb-a", "lamb", 0.02, [0.5, 0.7]), run("lamb-c", "lamb", 0.01, [0.6, 0.92, 0.9]),
+            run("lamb-b", "lamb", 0.005, [0.8, 0.85]), run("adam-a", "adam", 0.001, [0.4, 0.88]),
+            run("adam-b", "adam", 0.003, [0.9, 0.6])]
+    text = "\n".join(report.study_block(runs, "results/gpu-study"))
+    assert "| lamb | 0.005, 0.01, 0.02 | lamb-c | 0.9200 |" in text
+    assert "| adam | 0.001, 0.003 | adam-b (highest tried: not bracketed) | 0.9000 |" in text
+
+
+def test_an_averaged_setting_gives_its_weights_own_best_not_the_better_of_two_and_on_how_many_seeds(tmp_path):
+    """Where the average beats the trained weights at a check, the weights' own best is below the recorded one
+    (the better of the two); a seed whose records lack the average's figures is left out, and said."""
+    def run(name, seed, raw, average):
+        records = [{"outer": i + 1, "step": 10 * (i + 1), "loss": 1.0, "train_accuracy": 1.0, "inner_seconds": 1.0,
+                    "validation_accuracy": max(r, a) if a is not None else r,
+                    **({"raw_validation_accuracy": r, "ema_validation_accuracy": a} if a is not None else {})}
+                   for i, (r, a) in enumerate(zip(raw, average))]
+        config = {"optimiser": "lamb", "learning_rate": 0.01, "ema": 0.9, "inner_steps": 10, "outer_steps": 4,
+                  "target_accuracy": 0.5, "seed": seed}
+        return {"name": name, "config": config, "records": records, "status": "ok",
+                "header": {"train_examples": 256, "examples_per_step": 2048, "validation_examples": 2700},
+                "best": max(r["validation_accuracy"] for r in records)}
+    runs = [run("s0", 0, [0.5, 0.6, 0.55, 0.58], [0.45, 0.62, 0.61, 0.6]),
+            run("s1", 1, [0.5, 0.6, 0.55, 0.58], [None] * 4)]  # a seed recorded without the average's figures
+    text = "\n".join(report.regularisers_block(runs, str(tmp_path)))
+    row = next(line for line in text.splitlines() if line.startswith("| lamb | 0.01 | ema 0.9 |"))
+    # Seed 0: the average's own best 0.62, the weights' own 0.60 (the better of two at each check: 0.62).
+    assert "| 0.6200 / 0.6000 (1/2 seeds) |" in row
