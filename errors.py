@@ -4,6 +4,7 @@ The lowest module: every other one may raise these, and the entry points hand th
 `exit_on_failure`, so a known failure never reaches the user as a traceback.
 """
 import atexit
+import math
 import os
 import signal
 import sys
@@ -19,7 +20,23 @@ class DataError(Exception):
 
 
 class Diverged(Exception):
-    """The loss or the logits became NaN or infinite; the best params so far are kept."""
+    """The loss or the logits became NaN or infinite, or the loss blew up (`diverged_loss`); the best params so
+    far are kept."""
+
+
+# A loss this many times the chance loss, ln(classes) (what predicting every class alike scores), has blown up:
+# the net is confidently wrong about nearly every example. Under results/ the highest loss of a run that went on
+# learning is 1.7 times chance (a spike Adam recovered from); the SGD runs past 5 times went NaN at their next
+# check, and LAMB 3e-2 at batch 128 reached 1e12 times after 5 outer loops at chance.
+BLOWN_UP_TIMES_CHANCE = 10
+
+
+def diverged_loss(loss, classes: int) -> bool:
+    """Whether an outer loop's loss says the run diverged: NaN or infinite, or above BLOWN_UP_TIMES_CHANCE times
+    the chance loss ln(classes). One check is enough, as for a NaN. train.py stops on it, sweep.py and report.py
+    judge runs recorded before the rule by it. A diverged record holds a non-finite loss as text ("nan")."""
+    loss = float(loss)
+    return not math.isfinite(loss) or loss > BLOWN_UP_TIMES_CHANCE * math.log(classes)
 
 
 class PeerError(Exception):

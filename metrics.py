@@ -254,6 +254,12 @@ def provenance() -> dict:
             "optax": optax.__version__, "git_commit": commit, "git_dirty": dirty}
 
 
+def header_classes(header: dict) -> int:
+    """The classes of a run's data, from its metrics header; 10 for a header from before it said (every run
+    measured then was of EuroSAT or the synthetic source, both of 10 classes)."""
+    return header.get("classes", 10)
+
+
 def complete_summary(path: str, summary: dict) -> None:
     """Ends metrics.jsonl with `summary` when its last line is no summary, or one without a key `summary`
     has (e.g. the test accuracy); a complete file is left exactly as it is."""

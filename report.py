@@ -17,7 +17,7 @@ import re
 import statistics
 
 from config import DEFAULT_EPSILONS, OPTAX_EPSILONS, check_output, defaults_before, parser
-from errors import DataError, UsageError, exit_on_failure
+from errors import DataError, UsageError, diverged_loss, exit_on_failure
 import critical_batch
 import metrics
 import noise_scale
@@ -73,7 +73,9 @@ def read_run_lines(name: str, path: str, lines: list[dict] | None) -> dict:
                         "leave the file out")
     records = [r for r in lines[1:] if "validation_accuracy" in r]
     end = lines[-1]
-    diverged = any(r.get("diverged") or not math.isfinite(r.get("loss", 0.0)) for r in lines[1:])
+    # The rule train.py stops by, applied to the records: runs from before it kept going with a finite blown-up loss.
+    classes = metrics.header_classes(lines[0])
+    diverged = any(r.get("diverged") or ("loss" in r and diverged_loss(r["loss"], classes)) for r in lines[1:])
     status = "diverged" if diverged else "crashed" if end.get("crashed") else \
         "ok" if "summary" in end else "cut off"
     config = [line["config"] for line in lines if "config" in line][-1]  # a resumed run's own, if extended
@@ -504,10 +506,13 @@ def critical_batch_block(runs: list[dict], folder: str, whole_set_runs: list[dic
     rows, points, fitted, noise = [], {}, {}, {}
     for (optimiser, batch), members in sorted(groups.items()):
         steps = {m["config"]["learning_rate"]: first_step(m, target) for m in members}
+        diverged = {m["config"]["learning_rate"] for m in members if m["status"] == "diverged"}
         reached = {rate: step for rate, step in steps.items() if step is not None}
         best = min(reached, key=reached.get) if reached else None
         at_target = noise_at([m for m in members if first_step(m, target) is not None], target)
-        rows.append([optimiser, f"{batch:,}", ", ".join(f"{r:g}" + ("" if steps[r] is not None else " (no)")
+        marks = {rate: [word for word, mark in (("no", steps[rate] is None), ("diverged", rate in diverged)) if mark]
+                 for rate in steps}
+        rows.append([optimiser, f"{batch:,}", ", ".join(f"{r:g}" + (f" ({', '.join(marks[r])})" if marks[r] else "")
                                                        for r in sorted(steps)),
                      f"{best:g}" if best else "none reached", f"{reached[best]:,}" if best else "",
                      f"{reached[best] * batch:,}" if best else "", f"{at_target:,.0f}" if at_target else ""])

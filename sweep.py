@@ -31,7 +31,8 @@ from config import (BLOG_OPTIMISERS, DEFAULT_EPSILONS, DEFAULT_LEARNING_RATES, O
                     WITH_WEIGHT_DECAY, Config, check, defaults_before)
 from config import parse as parse_config
 from config import parser
-from errors import DataError, Diverged, Interrupted, PeerError, UsageError, exit_on_failure
+from errors import DataError, Diverged, Interrupted, PeerError, UsageError, diverged_loss, exit_on_failure
+from metrics import header_classes
 from parallel import init_distributed, log
 from stopping import StopSignals
 
@@ -42,9 +43,8 @@ SWEPT = {"--optimiser": "--optimisers", "--learning-rate": "--learning-rates (or
          "--lbfgs-memory": "--lbfgs-memories"}
 WITH_EPSILON = ("lamb", "adam")
 COLUMNS = ["rank", "run", "optimiser", "learning_rate", "weight_decay", "momentum", "epsilon", "lbfgs_memory",
-           "batch_size", "seed",
-           "schedule", "options", "status", "target_images",
-           "best_validation_accuracy", "best_outer", "best_step", "target_step", "target_seconds", "final_loss"]
+           "batch_size", "seed", "schedule", "options", "status", "target_images", "best_validation_accuracy",
+           "best_outer", "best_step", "test_accuracy", "target_step", "target_seconds", "final_loss"]
 
 
 class Point(NamedTuple):
@@ -259,7 +259,9 @@ def leaderboard_rows(points):
     for name, c in points:
         header, records, end = read_run(c.output_dir)
         best = max(records, key=lambda r: r["validation_accuracy"], default=None)
-        status = "diverged" if end.get("diverged") else "crashed" if end.get("crashed") else "ok"
+        # A run from before the rule for a finite loss that blew up is judged by it from its records.
+        diverged = end.get("diverged") or any(diverged_loss(r["loss"], header_classes(header)) for r in records)
+        status = "diverged" if diverged else "crashed" if end.get("crashed") else "ok"
         target = (end.get("summary") or {}).get("target") or {}
         batch = c.batch_size or header.get("examples_per_step", "")
         rows.append({"run": name, "optimiser": c.optimiser, "learning_rate": c.learning_rate, "batch_size": batch,
@@ -271,6 +273,7 @@ def leaderboard_rows(points):
                      "schedule": c.schedule, "options": options_name(c).strip("-") or "none", "status": status,
                      "best_validation_accuracy": best["validation_accuracy"] if best else 0.0,
                      "best_outer": best["outer"] if best else "", "best_step": best["step"] if best else "",
+                     "test_accuracy": (end.get("summary") or {}).get("test_accuracy", ""),
                      "target_step": target.get("step", ""),
                      "target_seconds": round(target["train_seconds"], 2) if target else "",
                      "final_loss": records[-1]["loss"] if records else "", "curve": records})
@@ -324,7 +327,8 @@ def batch_summary(rows):
     return [best[key] for key in sorted(best)]
 
 
-FOUR_PLACES = ("best_validation_accuracy", "final_loss")  # the other numbers as they were given: 3.125e-08, 1e-05
+# The other numbers as they were given: 3.125e-08, 1e-05.
+FOUR_PLACES = ("best_validation_accuracy", "test_accuracy", "final_loss")
 
 
 def cell(column: str, value) -> str:
@@ -452,14 +456,19 @@ def write_batch_plot(path, batches, colours, plt):
     plt.close(figure)
 
 
-RUN, FINISHED, FAILED, REFUSE = 0, 1, 2, 3
+RUN, FINISHED, FAILED, REFUSE, TEST, UNTESTABLE = 0, 1, 2, 3, 4, 5
+SKIPPED = {FINISHED: "finished earlier, skipped", FAILED: "ended earlier (diverged or crashed), skipped",
+           UNTESTABLE: "finished earlier, skipped; --eval-test: its folder holds no checkpoint, whose best params the "
+                       "test accuracy is measured from, so it has none"}
 
 
 def verdict_of_process_0(config: Config) -> int:
     """From process 0's files, for every process: FINISHED (its metrics hold all it asks for, so nothing to
-    redo, even where the checkpoints were not kept), FAILED (they end in a divergence or crash, which a
-    re-run would repeat), RUN (not started, stopped midway, or extended: train.run resumes it), or a
-    UsageError when the folder holds a run of another definition."""
+    redo, even where the checkpoints were not kept), TEST (finished, but --eval-test asks for a test accuracy
+    its summary lacks: train.run measures it from the checkpoint's best params, training nothing),
+    UNTESTABLE (the same without a checkpoint), FAILED (they end in a divergence or crash, which a re-run
+    would repeat), RUN (not started, stopped midway, or extended: train.run resumes it), or a UsageError
+    when the folder holds a run of another definition."""
     verdict, message = RUN, ""
     if jax.process_index() == 0:
         ended = read_run(config.output_dir)
@@ -477,12 +486,25 @@ def verdict_of_process_0(config: Config) -> int:
                 records = ended[1]
                 done = {"outer": max((r["outer"] for r in records), default=0), "history": records}
                 verdict = FINISHED if checkpoint.finished(config, done) else RUN
+                if verdict == FINISHED and config.eval_test and "test_accuracy" not in ended[2]["summary"]:
+                    verdict = TEST if has_checkpoint(config) else UNTESTABLE
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         verdict = int(multihost_utils.broadcast_one_to_all(np.int32(verdict)))
     if verdict == REFUSE:
         raise UsageError(message or f"process 0 found a run of a different definition in {config.output_dir}")
     return verdict
+
+
+def has_checkpoint(config: Config) -> bool:
+    """Whether the run's folder holds a checkpoint (looked at without creating the folder orbax would)."""
+    if not os.path.isdir(os.path.join(config.output_dir, "checkpoints")):
+        return False
+    checkpoints = checkpoint.manager(config.output_dir, config.keep_checkpoints)
+    try:
+        return checkpoints.latest_step() is not None
+    finally:
+        checkpoints.close()
 
 
 def saved_definition(saved_config: dict, config: Config) -> dict:
@@ -542,14 +564,14 @@ def run_points(points: list[Point], shared: train.Shared, stop: StopSignals) -> 
             raise Interrupted(stop.agreed, f"before run {number} of {len(points)} ({name}); re-running the same "
                                            "command goes on from there")
         verdict = verdict_of_process_0(config)
-        if verdict != RUN:
-            log(f"[{number}/{len(points)}] {name}: " + ("finished earlier, skipped" if verdict == FINISHED else
-                                                       "ended earlier (diverged or crashed), skipped"))
+        if verdict not in (RUN, TEST):
+            log(f"[{number}/{len(points)}] {name}: {SKIPPED[verdict]}")
             continue
         if not checked:  # at the first run that trains: a sweep of finished runs loads no data
             check_programs([point.config for point in points], shared)
             checked = True
-        log(f"[{number}/{len(points)}] {name}")
+        log(f"[{number}/{len(points)}] {name}" + (": finished earlier; --eval-test: the test accuracy of its best "
+                                                  "params, from its checkpoint" if verdict == TEST else ""))
         try:
             train.run(config, shared, stop)
         except Diverged as error:
@@ -558,7 +580,7 @@ def run_points(points: list[Point], shared: train.Shared, stop: StopSignals) -> 
             raise  # the sweep itself cannot go on; re-running the command resumes it
         except Exception as error:  # one broken run must not end the sweep; it is recorded as crashed
             log(f"[{number}/{len(points)}] {name}: crashed: {type(error).__name__}: {error}")
-            if jax.process_index() == 0:
+            if jax.process_index() == 0 and verdict == RUN:  # a finished run's results stand
                 record_crash(config, error)
 
 

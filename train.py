@@ -30,7 +30,7 @@ import noise_scale
 from config import check_output
 from config import parse as parse_config
 from device_data import Prepared, load_split, prepare, prepare_split
-from errors import Diverged, Interrupted, UsageError, exit_on_failure
+from errors import BLOWN_UP_TIMES_CHANCE, Diverged, Interrupted, UsageError, diverged_loss, exit_on_failure
 from metrics import MetricsLog, Pack, complete_summary, model_line, outer_line, pack_bits, provenance
 from model import ConvNet, param_count
 from optimisers import averaged_params, create_state, make_optimiser, rate_in_force, with_hyperparams
@@ -247,7 +247,7 @@ def start(config, prepared: Prepared, programs: Programs, checkpoints, resumed: 
         best_params, progress = state.params, checkpoint.initial_progress(config)
     header = {"config": dataclasses.asdict(config), "inner_loop": programs.inner_mode, "conv": programs.model.conv,
               "microbatch": programs.microbatch, "devices": jax.device_count(), "processes": jax.process_count(),
-              "backend": jax.default_backend(), "train_examples": prepared.train_count,
+              "backend": jax.default_backend(), "classes": prepared.num_classes, "train_examples": prepared.train_count,
               "validation_examples": prepared.val_count,
               "examples_per_step": config.batch_size or prepared.train_count * prepared.stride,
               **provenance(), "run": progress["run"], "validation_ids": data.split_ids(config, "validation")}
@@ -315,7 +315,8 @@ def outer_loops(config, prepared: Prepared, programs: Programs, checkpoints, res
 def evaluate(config, prepared: Prepared, programs: Programs, state, loss: float, tick: float, progress: dict,
              metrics: MetricsLog) -> tuple[dict, object]:
     """The outer loop's record (loss, train and validation accuracy, speed) and the params it is of; Diverged
-    if the loss or the logits are no longer finite (recorded as such, and never kept as the best). With
+    if the loss or the logits are no longer finite, or the loss blew up (errors.diverged_loss; recorded as
+    such, and never kept as the best). With
     --ema both the params and their moving average are evaluated, and the better on validation is the outer
     loop's (both accuracies are in the record)."""
     inner_seconds = time.perf_counter() - tick  # the loss above waited for the inner loop
@@ -323,11 +324,14 @@ def evaluate(config, prepared: Prepared, programs: Programs, state, loss: float,
     candidates = {"raw": state.params, "ema": averaged_params(state)}
     scores = {name: accuracies(config, prepared, programs, params) for name, params in candidates.items()
               if params is not None}
-    if not math.isfinite(loss) or any(score["broken"] for score in scores.values()):
-        metrics.write({"outer": outer, "diverged": True, "loss": str(loss)})
+    blown_up = math.isfinite(loss) and diverged_loss(loss, prepared.num_classes)
+    if not math.isfinite(loss) or blown_up or any(score["broken"] for score in scores.values()):
+        metrics.write({"outer": outer, "diverged": True, "loss": loss if math.isfinite(loss) else str(loss)})
         best = progress["best"]
-        raise Diverged(f"{'loss is ' + str(loss) if not math.isfinite(loss) else 'logits are not finite'} after "
-                       f"outer loop {outer} (step {outer * config.inner_steps}); last finite loss {progress['loss']}; "
+        what = (f"loss {loss:.4g} is above {BLOWN_UP_TIMES_CHANCE} times the chance loss ln({prepared.num_classes})"
+                if blown_up else f"loss is {loss}" if not math.isfinite(loss) else "logits are not finite")
+        raise Diverged(f"{what} after outer loop {outer} (step {outer * config.inner_steps}); "
+                       f"{'loss before it' if blown_up else 'last finite loss'} {progress['loss']}; "
                        + (f"best validation accuracy {best['validation_accuracy']:.4f} at outer {best['outer']} "
                           "(kept)" if best["outer"] else "no validation before it"))
     chosen = max(scores, key=lambda name: (scores[name]["validation_correct"], name == "raw"))  # a tie: raw

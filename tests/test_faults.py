@@ -15,6 +15,7 @@ from PIL import Image
 
 import checkpoint
 import data
+import errors
 import train
 from conftest import ROOT
 from helpers import (SMALL, assert_shows, device_env, free_port, latest_checkpoint, make_images, outer_record,
@@ -36,7 +37,9 @@ def assert_same_tree(a, b):
 
 
 def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path):
-    run = [*RUN, "--optimiser", "sgd", "--learning-rate", "3"]  # its validation accuracy falls after outer loop 1
+    # Its validation accuracy falls after outer loop 1 (0.5, 0.1), then climbs again (SGD at rate 3, which did
+    # this before, blows up: loss 26 at outer loop 2, and stops there).
+    run = [*RUN, "--optimiser", "adam", "--learning-rate", "0.03"]
     train.main([*run, "--outer-steps", "4", "--output-dir", str(tmp_path / "whole")])
     train.main([*run, "--outer-steps", "2", "--output-dir", str(tmp_path / "parts")])
     # The best checkpoint is not the latest (for the run and for orbax): resuming from the best would show.
@@ -392,6 +395,32 @@ def test_an_update_that_blows_up_the_params_is_caught_in_its_own_outer_loop(tmp_
     validation = data.load_synthetic("validation", 300, 16, 0, 1)
     predictions = np.argmax(np.asarray(model.apply({"params": best_params}, validation.images)), -1)
     assert (predictions == validation.labels).sum() / len(predictions) == records[0]["validation_accuracy"]
+
+
+def test_a_loss_above_ten_times_chance_is_divergence_finite_or_not():
+    """The one rule train.py, sweep.py and report.py judge by: ln(10) = 2.303 is chance for 10 classes."""
+    assert not errors.diverged_loss(23.0, 10) and errors.diverged_loss(23.1, 10)  # the line: 10 x 2.303 = 23.03
+    assert errors.diverged_loss(7.0, 2) and not errors.diverged_loss(7.0, 10)  # chance for 2 classes is 0.69
+    assert not errors.diverged_loss(3.83, 10)  # the highest spike under results/ that a run recovered from
+    for loss in (float("nan"), float("inf"), "nan", 2.97e12):  # a diverged record holds a NaN as text
+        assert errors.diverged_loss(loss, 10)
+
+
+def test_a_finite_loss_that_blows_up_stops_the_run_like_a_nan_and_keeps_the_best(tmp_path, capsys):
+    """SGD at rate 10 here: outer loop 1 ends at loss 2.26, outer loop 2 at about 5e8, finite (a NaN only comes
+    in outer loop 3). It stops at outer loop 2 with exit 3, recorded as diverged, outer loop 1's params kept."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*RUN, "--outer-steps", "2", "--optimiser", "sgd", "--learning-rate", "10",
+                    "--output-dir", str(tmp_path)])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 3, stderr[-2000:]
+    message = [line for line in stderr.splitlines() if "diverged" in line]
+    assert len(message) == 1 and "is above 10 times the chance loss ln(10) after outer loop 2 (step 6)" in message[0]
+    assert "best validation accuracy 0.1000 at outer 1 (kept)" in message[0]
+    header, records, summary = read_metrics(tmp_path)
+    assert header["classes"] == 10 and summary is None
+    assert [r["outer"] for r in records] == [1, 2] and records[-1]["diverged"] and records[-1]["loss"] > 23.1
+    assert latest_checkpoint(tmp_path)[0] == 1  # the blown-up outer loop is not checkpointed
 
 
 def test_a_second_signal_stops_at_once_even_inside_a_compiled_outer_loop(tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+import augment
 import config
 import data
 import optimisers
@@ -247,6 +248,41 @@ def test_penalty_blocks_lie_within_the_gradient_chunks_and_a_device_holds_whole_
             train.build_programs(dataclasses.replace(c, **changed), prepared)
 
 
+def test_with_the_eight_forms_a_chunk_holds_whole_images_and_whole_penalty_blocks():
+    """Augmented, an image's 8 forms lie side by side: a chunk must hold whole images (the noise scale's unit)
+    and whole blocks, whatever the block, so it is a multiple of both 8 and the block (12 images x 8 forms per
+    device here; the asked microbatch rounded down to that multiple)."""
+    import device_data
+    split = data.Split(np.zeros((96, 8, 8, 3), np.uint8), np.zeros(96, np.int32))  # only the shapes matter
+    batch = augment.expand_sharded(*parallel.on_devices(*data.pad_and_shard(split, 8, 12)))
+    prepared = device_data.Prepared(batch, batch, 96, 96, augment.NUM_TRANSFORMS, 10, 96, train_fewest_per_device=96)
+    for block, asked, chunk in [(12, 40, 24), (4, 20, 16), (16, 40, 32), (24, 0, 24), (96, 40, 96)]:
+        c = config.Config(optimiser="adam", channels=(4, 8), dense=8, dataset="synthetic", microbatch=asked,
+                          gradient_penalty=1.0, penalty_block=block)
+        assert train.build_programs(c, prepared).microbatch == chunk, (block, asked)
+
+
+def test_penalty_blocks_of_eight_forms_take_each_image_s_gradient_and_a_block_of_padding_adds_nothing():
+    """Blocks of 8 on an augmented shard are the images, each with its 8 forms (np.rot90's here): the penalty
+    is that of each image's mean gradient over its forms; the block of the padding image adds nothing (no
+    0 / 0 from its count of real examples)."""
+    split, model, params = problem(3, seed=4)
+    mask = np.array([1, 1, 0], np.float32)  # the third image is padding
+    images, labels, forms_mask = augment.expand_shard(split.images, split.labels, mask)
+    penalised = jax.jit(steps.penalised_loss_sum, static_argnums=(1, 5, 7))
+    got_total, got_plain = penalised(params, model.apply, images, labels, forms_mask, 0.0, 2.0, 8)
+
+    def mean_loss(p, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
+    forms = [np.stack([np.rot90(np.fliplr(image) if t >= 4 else image, t % 4) for t in range(8)])
+             for image in split.images[:2]]
+    square = jax.jit(lambda p, x, y: sum(jnp.sum(g ** 2) for g in jax.tree.leaves(jax.grad(mean_loss)(p, x, y))))
+    squares = [float(square(params, x, np.full(8, label))) for x, label in zip(forms, split.labels[:2])]
+    plain = sum(8 * float(mean_loss(params, x, np.full(8, label))) for x, label in zip(forms, split.labels[:2]))
+    np.testing.assert_allclose(float(got_plain), plain, rtol=1e-5)
+    np.testing.assert_allclose(float(got_total), plain + 2.0 * 8 / 2 * sum(squares), rtol=1e-4)
+
+
 def test_the_penalty_counts_real_examples_only_and_its_loss_is_smoothed_inside_too():
     """penalised_loss_sum's value against one written here: with padding (each block's mean over its real
     examples) and label smoothing (in the loss and in the blocks' gradients)."""
@@ -274,7 +310,7 @@ def test_the_outer_loop_is_the_better_params_on_validation_raw_on_a_tie_and_the_
     from types import SimpleNamespace
     raw, average = {"w": np.ones(2, np.float32)}, {"w": np.full(2, 2.0, np.float32)}
     state = SimpleNamespace(params=raw, opt_state=(None, optimisers.AverageState(average)))
-    prepared = SimpleNamespace(val_count=10, train_count=10, stride=1, val_local_count=10)
+    prepared = SimpleNamespace(val_count=10, train_count=10, stride=1, val_local_count=10, num_classes=10)
     c = config.Config(ema=0.9, inner_steps=1, dataset="synthetic", output_dir=str(tmp_path))
     progress = {"outer": 0, "train_seconds": 0.0, "loss": 1.0,
                 "best": {"validation_accuracy": -1.0, "outer": None, "step": None}}

@@ -271,6 +271,22 @@ def test_a_run_the_report_cannot_read_is_refused_with_one_line_naming_the_file(t
     assert capsys.readouterr().err.strip() == f"report.py: error: --results {tmp_path / 'nowhere'} is not a folder"
 
 
+def test_a_run_recorded_before_the_rule_whose_finite_loss_blew_up_reads_as_diverged(tmp_path):
+    """Its file ends with a summary and holds no diverged line: the status comes from its records' losses by
+    train.py's rule (above 10 x ln(classes); 10 classes where the header does not say)."""
+    folder = tmp_path / report.CRITICAL
+    for name, loss, classes in [("blown", 3e12, None), ("spike", 20.0, None), ("two-classes", 7.0, 2)]:
+        write_run(folder, name, "lamb", 0.03, 0, [0.3, 0.1, 0.1])
+        path = folder / name / "metrics.jsonl"
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        lines[2]["loss"] = loss
+        if classes:
+            lines[0]["classes"] = classes
+        path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    status = {run["name"]: run["status"] for run in report.load_runs(str(folder))}
+    assert status == {"blown": "diverged", "spike": "ok", "two-classes": "diverged"}
+
+
 def test_the_empirical_model_is_recovered_from_steps_that_follow_it():
     import critical_batch
     batches = [32, 64, 128, 256, 512]
@@ -278,6 +294,11 @@ def test_the_empirical_model_is_recovered_from_steps_that_follow_it():
     assert model["s_min"] == pytest.approx(300, rel=1e-3) and model["b_crit"] == pytest.approx(150, rel=1e-3)
     assert model["e_min"] == pytest.approx(45000, rel=2e-3) and model["rms_log_error"] < 1e-3
     assert critical_batch.steps_at(model, 150) == pytest.approx(600, rel=1e-3)
+    # At B_crit, S_min (1 + B_crit / B) and the examples' S_min (1 + B / B_crit) both give 600: away from it, the
+    # steps' form, by hand.
+    assert critical_batch.steps_at(model, 30) == pytest.approx(300 * 6, rel=1e-3)
+    assert critical_batch.steps_at(model, 1500) == pytest.approx(300 * 1.1, rel=1e-3)
+    assert critical_batch.steps_at({"s_min": 300.0, "b_crit": 150.0}, 30) == 1800.0
 
 
 def write_batch_run(folder, optimiser, rate, batch, accuracies, noise):
@@ -303,13 +324,21 @@ def test_the_critical_batch_block_fits_the_best_rate_per_batch_size_and_pools_th
     # adam at 3 batch sizes; steps to 0.7 = 40 x (checks before it + 1): 160, 120, 80 steps
     write_batch_run(folder, "adam", 0.001, 64, [0.5, 0.6, 0.66, 0.71], noise)
     write_batch_run(folder, "adam", 0.003, 64, [0.5, 0.6, 0.6, 0.6], noise)  # not reached: the other rate is best
+    write_batch_run(folder, "adam", 0.01, 64, [0.5, 0.1, 0.1, 0.1], noise)  # blew up (a finite loss): diverged
+    path = folder / "adam-lr0.01-b64" / "metrics.jsonl"
+    path.write_text(path.read_text().replace('"step": 80, "loss": 1.0', '"step": 80, "loss": 3e12'))
     write_batch_run(folder, "adam", 0.001, 256, [0.5, 0.66, 0.7, 0.7], noise)
     write_batch_run(folder, "adam", 0.001, 1024, [0.66, 0.7, 0.7, 0.7], noise)
     full = results / report.FULL_SCALE
-    write_run(full, "lamb_1e-2", "lamb", 0.01, 0, [0.5, 0.66, 0.72])  # reached at step 30 of 10-step checks
+    # Whole-set runs checked every 10 steps; the fastest to 0.7 is neither the first nor the last by name or
+    # rate, nor the one of highest accuracy (1e-2), nor the slowest (7e-3); 9e-3 never gets there.
+    for name, rate, accuracies in [("lamb_1e-2", 0.01, [0.5, 0.66, 0.72, 0.9]), ("lamb_2.5e-3", 0.0025,
+                                   [0.5, 0.6, 0.65, 0.71]), ("lamb_5e-3", 0.005, [0.6, 0.71, 0.8]),
+                                   ("lamb_7e-3", 0.007, [0.5, 0.6, 0.65, 0.69, 0.7]), ("lamb_9e-3", 0.009, [0.5, 0.6])]:
+        write_run(full, name, "lamb", rate, 0, accuracies)
     report.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md")])
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "| adam | 64 | 0.001, 0.003 (no) | 0.001 | 160 | 10,240 |" in text
+    assert "| adam | 64 | 0.001, 0.003 (no), 0.01 (no, diverged) | 0.001 | 160 | 10,240 |" in text
     assert "| adam | 256 | 0.001 | 0.001 | 120 | 30,720 |" in text
     assert "| adam | 1,024 | 0.001 | 0.001 | 80 | 81,920 |" in text
     # B_simple (examples: tr(Sigma) per example over |G|^2) at the target: the outer loops from the first at >= 0.65
@@ -321,7 +350,11 @@ def test_the_critical_batch_block_fits_the_best_rate_per_batch_size_and_pools_th
     fit_row = next(line for line in text.splitlines() if line.startswith("| adam | ") and "images)" in line)
     assert fit_row.startswith(f"| adam | {model['s_min']:,.0f} | {model['b_crit']:,.0f} (")
     assert "| 400 |" in fit_row  # pooled over the three: (1200 + 800 + 400) / 6
-    assert "best rate, 0.01, first reached 0.7 at step 30 (after step 20)" in text
+    # The prediction for the whole set (21,600 x 8 = 172,800 examples) by hand: S_min (1 + B_crit / B).
+    predicted = model["s_min"] * (1 + model["b_crit"] / 172800)
+    assert fit_row.endswith(f"| {predicted:,.0f} | {172800 / model['b_crit']:,.0f} |")
+    assert ("best rate, 0.005, first reached 0.7 at step 20 (after step 10); the others: 0.0025 at step 40, 0.007 at "
+            "step 50, 0.01 at step 30.") in text
     assert (folder / "critical_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -384,3 +417,41 @@ def test_an_averaged_study_run_says_its_figures_are_the_better_of_two_and_gives_
             if line.startswith("| lamb-ema")]
     assert rows[0].startswith("| lamb-ema (each check the better of its params and their average; the average alone: "
                               "best 0.9100, last 0.9050) | 3 | 0.9300 |")
+
+
+def test_the_study_block_names_each_optimiser_s_best_run_among_several():
+    """The best is neither the first run given, nor the first by name, nor at the lowest or highest rate: the
+    choice is by best validation accuracy alone (one best per optimiser)."""
+    def run(name, optimiser, rate, accuracies):
+        records = [{"outer": i + 1, "step": 100 * (i + 1), "validation_accuracy": a, "images_per_second": 1e6,
+                    "train_seconds": 20.0 * (i + 1)} for i, a in enumerate(accuracies)]
+        return {"name": name, "config": {"optimiser": optimiser, "learning_rate": rate, "inner_steps": 100},
+                "header": {"examples_per_step": 172800, "validation_examples": 30, "devices": 1, "backend": "gpu",
+                           "jax": "0"}, "records": records, "status": "ok", "best": max(accuracies)}
+    runs = [run("lamb-a", "lamb", 0.02, [0.5, 0.7]), run("lamb-c", "lamb", 0.01, [0.6, 0.92, 0.9]),
+            run("lamb-b", "lamb", 0.005, [0.8, 0.85]), run("adam-a", "adam", 0.001, [0.4, 0.88]),
+            run("adam-b", "adam", 0.003, [0.9, 0.6])]
+    text = "\n".join(report.study_block(runs, "results/gpu-study"))
+    assert "| lamb | 0.005, 0.01, 0.02 | lamb-c | 0.9200 |" in text
+    assert "| adam | 0.001, 0.003 | adam-b (highest tried: not bracketed) | 0.9000 |" in text
+
+
+def test_an_averaged_setting_gives_its_weights_own_best_not_the_better_of_two_and_on_how_many_seeds(tmp_path):
+    """Where the average beats the trained weights at a check, the weights' own best is below the recorded one
+    (the better of the two); a seed whose records lack the average's figures is left out, and said."""
+    def run(name, seed, raw, average):
+        records = [{"outer": i + 1, "step": 10 * (i + 1), "loss": 1.0, "train_accuracy": 1.0, "inner_seconds": 1.0,
+                    "validation_accuracy": max(r, a) if a is not None else r,
+                    **({"raw_validation_accuracy": r, "ema_validation_accuracy": a} if a is not None else {})}
+                   for i, (r, a) in enumerate(zip(raw, average))]
+        config = {"optimiser": "lamb", "learning_rate": 0.01, "ema": 0.9, "inner_steps": 10, "outer_steps": 4,
+                  "target_accuracy": 0.5, "seed": seed}
+        return {"name": name, "config": config, "records": records, "status": "ok",
+                "header": {"train_examples": 256, "examples_per_step": 2048, "validation_examples": 2700},
+                "best": max(r["validation_accuracy"] for r in records)}
+    runs = [run("s0", 0, [0.5, 0.6, 0.55, 0.58], [0.45, 0.62, 0.61, 0.6]),
+            run("s1", 1, [0.5, 0.6, 0.55, 0.58], [None] * 4)]  # a seed recorded without the average's figures
+    text = "\n".join(report.regularisers_block(runs, str(tmp_path)))
+    row = next(line for line in text.splitlines() if line.startswith("| lamb | 0.01 | ema 0.9 |"))
+    # Seed 0: the average's own best 0.62, the weights' own 0.60 (the better of two at each check: 0.62).
+    assert "| 0.6200 / 0.6000 (1/2 seeds) |" in row

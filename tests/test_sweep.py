@@ -1,10 +1,12 @@
 import csv
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 
+import flax
 import numpy as np
 import pytest
 
@@ -16,6 +18,7 @@ import train
 from errors import UsageError
 from conftest import ROOT
 from helpers import SMALL, device_env, make_folder, one_process_cluster, read_metrics, run_train, wait_for_records
+from model import ConvNet
 
 FIXED = [*SMALL, "--synthetic-examples", "300", "--inner-steps", "4", "--outer-steps", "3", "--target-accuracy", "0.3"]
 
@@ -78,6 +81,39 @@ def test_a_sweep_rerun_with_other_fixed_flags_refuses_its_finished_and_diverged_
         error = capsys.readouterr().err.strip()
         assert error.startswith("sweep.py: error:")
         assert "holds the metrics of a different run (--inner-steps 4 -> 5)" in error and "\n" not in error
+
+
+def test_a_finished_sweep_run_again_with_eval_test_gives_each_finished_run_its_test_accuracy(tmp_path, capsys,
+                                                                                             tiny_sweep):
+    """The runs finished without --eval-test: the same command with it trains nothing and measures each finished
+    run's test accuracy from the best params in its checkpoint, into its summary and the leaderboard; a run
+    whose folder holds no checkpoint says it has none."""
+    out = tmp_path / "sweep"
+    shutil.copytree(tiny_sweep[0], out)
+    finished = [r["run"] for r in tiny_sweep[1] if r["status"] == "ok"]
+    assert len(finished) >= 2 and all(r["test_accuracy"] == "" for r in tiny_sweep[1])
+    before = {name: read_metrics(out / name)[1] for name in finished}
+    rows = sweep.run_sweep(*sweep.parse_args([*TINY, "--eval-test", "--output-dir", str(out)]))[0]
+    rows = {r["run"]: r for r in rows}
+    with open(out / "leaderboard.csv") as f:
+        table = {r["run"]: r for r in csv.DictReader(f)}
+    test = data.load_synthetic("test", 300, 16, 0, 1)  # FIXED's synthetic set
+    for name in finished:
+        header, records, summary = read_metrics(out / name)
+        assert records == before[name]  # nothing trained
+        best_params = flax.serialization.msgpack_restore((out / name / "best_params.msgpack").read_bytes())
+        model = ConvNet(channels=(8, 16), dense=16, conv=header["conv"])  # the run's formulation: its rounding
+        predictions = np.argmax(np.asarray(model.apply({"params": best_params}, test.images)), -1)
+        recount = float(np.mean(predictions == test.labels))
+        assert summary["test_accuracy"] == rows[name]["test_accuracy"] == recount
+        assert table[name]["test_accuracy"] == f"{recount}"
+    # Without a checkpoint (results kept without them, as under results/) there are no best params to measure.
+    kept = tmp_path / "kept"
+    shutil.copytree(tiny_sweep[0] / finished[0], kept / finished[0])
+    shutil.rmtree(kept / finished[0] / "checkpoints")
+    point, = [p for p in sweep.grid_points(*sweep.parse_args([*TINY, "--eval-test", "--output-dir", str(kept)]))
+              if p.name == finished[0]]
+    assert sweep.verdict_of_process_0(point.config) == sweep.UNTESTABLE
 
 
 def test_every_run_of_a_mixed_sweep_equals_the_same_run_through_train_py_with_one_compile_per_optimiser(
@@ -293,6 +329,21 @@ def test_run_names_carry_the_regularisers_and_settings_with_other_ones_are_not_s
             for options, accuracy in [("none", 0.5), ("none", 0.52), ("ema0.9", 0.6)]]
     (summary,) = sweep.optimiser_summary(rows)
     assert summary["best_setting"] == "lr 0.01 wd 0 eps 1e-06 ema0.9" and summary["seeds"] == 1
+
+
+def test_a_finished_run_whose_finite_loss_blew_up_before_the_rule_is_diverged_on_the_leaderboard(tmp_path):
+    """A run made before train.py stopped on a finite blown-up loss ended with a summary and no diverged line:
+    its status comes from its records by the same rule (above 10 x ln(10) here, its header naming no classes)."""
+    points = []
+    for name, loss in [("blown", 3e12), ("spike", 20.0)]:
+        c = config.Config(optimiser="lamb", dataset="synthetic", output_dir=str(tmp_path / name))
+        os.makedirs(c.output_dir)
+        records = [{"outer": 1, "step": 4, "loss": 2.0, "validation_accuracy": 0.3},
+                   {"outer": 2, "step": 8, "loss": loss, "validation_accuracy": 0.1}]
+        lines = [{"config": {}, "examples_per_step": 100}, *records, {"summary": {"target": None}}]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+        points.append(sweep.Point(name, c))
+    assert {r["run"]: r["status"] for r in sweep.leaderboard_rows(points)} == {"blown": "diverged", "spike": "ok"}
 
 
 def test_leaderboard_cells_give_rates_and_coefficients_as_given():
