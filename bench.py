@@ -284,13 +284,14 @@ def time_variant(name, config, a, per_device, batch, check_images, reference_log
     """Rows (one per inner-loop mode) for one variant: speed, and its logits' error against nn.Conv."""
     model = ConvNet(config.channels, config.dense, 10, jnp.dtype(config.dtype), parallel.choose_conv(config),
                     remat_gelu=config.remat_gelu)
-    optimiser = optimisers.make_optimiser(config.optimiser)
+    optimiser = optimisers.make_optimiser(config.optimiser, lbfgs_memory=config.lbfgs_memory)
     microbatch = parallel.choose_microbatch(config, per_device, a.image_size, group=8)  # as a whole-set step
     state = optimisers.with_hyperparams(optimisers.create_state(model, optimiser, 0, (a.image_size,) * 2 + (3,)),
                                         config)
     error = logits_error(model, state.params, reference_logits, check_images)
     state = parallel.replicate(state)
-    step_kwargs = dict(example_count=float(a.batch), population=float(a.batch), microbatch=microbatch)
+    step_kwargs = dict(example_count=float(a.batch), population=float(a.batch), microbatch=microbatch,
+                       line_search=config.optimiser == "lbfgs")  # L-BFGS's step includes its line search's evaluations
     rows = []
     for mode in ["python", "compiled"] if a.inner_loop == "both" else [a.inner_loop]:
         if mode == "python":  # train.py's own step: with what the optimiser did, the noise scale and a stop flag
@@ -317,7 +318,10 @@ def main(argv=None):
 
 def bench(argv=None):
     a = parse_args(argv)
-    base = Config(optimiser=a.optimiser, learning_rate=1e-3, channels=a.channels, dense=a.dense, dtype=a.dtype,
+    # 1e-3 for the first-order optimisers (their step's cost does not depend on it); L-BFGS's own 1, since its
+    # rate moves its line search's first trial step and with it the evaluations a step makes.
+    base = Config(optimiser=a.optimiser, learning_rate=1.0 if a.optimiser == "lbfgs" else 1e-3,
+                  channels=a.channels, dense=a.dense, dtype=a.dtype,
                   conv=a.conv, microbatch=a.microbatch, image_size=a.image_size, dataset="synthetic")
     check(base)
     variants = {text if len(a.variants) > 1 or text != "base" else "project": dataclasses.replace(base, **fields)

@@ -281,8 +281,8 @@ def check(config: Config) -> None:
         raise UsageError("--penalty-block needs --gradient-penalty: leave it out, or add the penalty")
     # A flag the run would ignore must not be recorded as if it applied.
     if c.optimiser != "sgd" and c.momentum != Config.momentum:
-        kept = ("Muon's momentum is optax's 0.95" if c.optimiser == "muon"
-                else "its moments' decay rates are optax's defaults")
+        kept = {"muon": "Muon's momentum is optax's 0.95", "lbfgs": "L-BFGS keeps curvature pairs, not a momentum"}.get(
+            c.optimiser, "its moments' decay rates are optax's defaults")
         raise UsageError(f"--momentum is SGD's; {c.optimiser} has none to set ({kept}): leave it out, or use "
                          "--optimiser sgd")
     if c.optimiser not in WITH_WEIGHT_DECAY and c.weight_decay:

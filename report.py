@@ -816,9 +816,11 @@ def blocks(root: str) -> dict[str, tuple[str, list[str]]]:
     if critical_runs:
         made["critical-batch"] = ("The critical batch on the full training set",
                                   critical_batch_block(critical_runs, f"{root}/{CRITICAL}", full_runs))
-    later_runs = [run for name in LATER for run in load_runs(os.path.join(root, name))]
+    later = {name: load_runs(os.path.join(root, name)) for name in LATER}
+    later_runs = [run for runs in later.values() for run in runs]
+    home = next((f"{root}/{name}" for name, runs in later.items() if runs), None)  # its plot goes there
     made["later-optimisers"] = ("11. Muon and L-BFGS (reduced scale)",
-                                later_optimisers_block(later_runs, sweep_runs, f"{root}/{LATER[0]}") if later_runs
+                                later_optimisers_block(later_runs, sweep_runs, home) if later_runs
                                 else Placeholder([f"No runs under {root}/{LATER[0]} or {root}/{LATER[1]} yet."]))
     study_runs = load_runs(os.path.join(root, STUDY))  # RESULTS.md keeps its block before a GPU has run it
     made["study"] = ("6. The full-scale study", study_block(study_runs, f"{root}/{STUDY}") if study_runs else

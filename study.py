@@ -120,7 +120,15 @@ def fastest_variant(path: str, dtype: str) -> tuple[dict, str]:
 
 # What the plan sets for each run: given on the command line they would be silently overwritten, so refused.
 PLANNED = ("--optimiser", "--learning-rate", "--schedule", "--warmup-steps", "--seed", "--weight-decay",
-           "--momentum", "--epsilon", "--ema")
+           "--momentum", "--epsilon", "--ema", "--lbfgs-memory")
+
+
+def not_for(base: Config, entry: dict) -> str | None:
+    """Why the command's fixed flags rule out a run of the plan (None: they do not): L-BFGS takes neither a drawn
+    batch nor a gradient penalty. Such a run is skipped, said, and the rest of the plan runs."""
+    if entry.get("optimiser") == "lbfgs" and (base.batch_size or base.gradient_penalty):
+        return "lbfgs takes the whole set as its batch and the plain loss: not with --batch-size or --gradient-penalty"
+    return None
 
 
 def planned(base: Config, entry: dict) -> Config:
@@ -159,10 +167,14 @@ def run_study(study, base: Config) -> dict:
     # Every run of the plan checked before the first trains (the winner's copies are like it); what needs the
     # data, once a run is to train (a study of finished or skipped runs loads none).
     plan = [sweep.at_home(planned(base, entry), base.output_dir).config for entry in PLAN
-            if "winner_seeds" not in entry]
+            if "winner_seeds" not in entry and not not_for(base, entry)]
     checked = False
     with StopSignals() as stop:
         for entry in PLAN:
+            if not_for(base, entry):
+                log(f"{entry['optimiser']} lr {entry['learning_rate']:g}: skipped, {not_for(base, entry)}")
+                outcome["skipped"].append(sweep.run_name(planned(base, entry)))
+                continue
             if "winner_seeds" in entry:
                 winner = best_finished(done)
                 configs = [dataclasses.replace(winner.config, seed=s) for s in entry["winner_seeds"]] if winner else []

@@ -181,6 +181,9 @@ def grid_points(grid, base: Config) -> list[Point]:
     """One config per run, each checked like train.py's own flags."""
     points = []
     for optimiser in grid["optimisers"]:
+        if optimiser == "lbfgs" and any(grid["batch_sizes"]):
+            raise UsageError("--batch-sizes: lbfgs takes the whole set as its batch (a line search on a batch drawn "
+                             "each step would search a different function every step): sweep it without --batch-sizes")
         epsilons = grid["epsilons"][optimiser] if optimiser in WITH_EPSILON else [None]
         largest = max(b or 0 for b in grid["batch_sizes"])
         uneven = [b for b in grid["batch_sizes"] if b and largest % b and grid.get("batch_inner_steps") != "same"]
@@ -257,7 +260,10 @@ def record_crash(config: Config, error):
 def leaderboard_rows(points):
     rows = []
     for name, c in points:
-        header, records, end = read_run(c.output_dir)
+        ended = read_run(c.output_dir)
+        if ended is None:  # it did not end (a stop that left no closing line): nothing to rank yet
+            continue
+        header, records, end = ended
         best = max(records, key=lambda r: r["validation_accuracy"], default=None)
         # A run from before the rule for a finite loss that blew up is judged by it from its records.
         diverged = end.get("diverged") or any(diverged_loss(r["loss"], header_classes(header)) for r in records)

@@ -291,6 +291,8 @@ def outer_loops(config, prepared: Prepared, programs: Programs, checkpoints, res
             best_params = keep_best(config, record, evaluated, best_params, progress)
             log(outer_line(config.outer_steps, record, progress["best"], first=outer == first_outer))
             metrics.write(record)  # before the checkpoint: a resume may redo a line, never lose one
+            if record.get("line_search_failures"):
+                stuck_line_search(config, record, metrics)
             progress["history"].append({k: record[k] for k in ("outer", "step", "validation_accuracy",
                                                                "train_seconds", "elapsed_seconds")})
             progress.update(outer=outer, loss=record["loss"], train_seconds=record["train_seconds"],
@@ -302,11 +304,6 @@ def outer_loops(config, prepared: Prepared, programs: Programs, checkpoints, res
                 checkpoint.save(checkpoints, state, best_params, progress, record["validation_accuracy"])
             if config.stop_at_target and finished and outer < config.outer_steps:
                 log(f"stopping: reached --target-accuracy {config.target_accuracy}")
-            if record.get("line_search_failures") and not finished:
-                raise Diverged(f"L-BFGS's line search found no sufficient decrease in {record['line_search_failures']}"
-                               f" of the {config.inner_steps} steps of outer loop {outer} (to step {record['step']}): "
-                               "the loss no longer decreases along its direction (converged to float precision, or "
-                               "a step that went wrong leaves it stuck); its checkpoint and best params stand")
         summary = summarise(config, prepared, programs, best_params, progress)
         metrics.write({"summary": summary})
         return summary
@@ -370,6 +367,17 @@ def optimiser_record(config, outer: int, statistics: dict) -> dict:
             "gradient_norm": float(statistics["gradient_norm"]), "update_norm": float(statistics["update_norm"]),
             "parameter_norm": float(statistics["parameter_norm"]),
             "update_ratios": {k: v if math.isfinite(v) else None for k, v in ratios.items()}}
+
+
+def stuck_line_search(config, record: dict, metrics: MetricsLog) -> None:
+    """A line search that found no sufficient decrease ends the run as divergence does: its steps after one went
+    nowhere when measured (no update, the same loss). The outer loop is not checkpointed, so a resume redoes it
+    and stops again, and a sweep or report reads the run as diverged."""
+    metrics.write({"outer": record["outer"], "diverged": True, "line_search_failures": record["line_search_failures"]})
+    raise Diverged(f"L-BFGS's line search found no sufficient decrease in {record['line_search_failures']} of the "
+                   f"{config.inner_steps} steps of outer loop {record['outer']} (to step {record['step']}): the loss "
+                   "no longer decreases along its direction (converged to float precision, or a step that went wrong "
+                   "leaves it stuck); the checkpoint before it and the best params stand")
 
 
 def line_search_record(config, statistics) -> dict:

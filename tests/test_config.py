@@ -62,7 +62,8 @@ def test_a_config_is_frozen_and_resolves_the_optimisers_default_rate():
 # A different value for every field of the config (a new field must be added here).
 CHANGED = {"optimiser": "adam", "learning_rate": 0.5, "weight_decay": 0.1, "momentum": 0.5, "epsilon": 1e-3,
            "schedule": "warmup_linear", "warmup_steps": 2, "ema": 0.9, "label_smoothing": 0.1,
-           "lamb_exclude_biases": True, "gradient_penalty": 0.5, "penalty_block": 8, "inner_steps": 7,
+           "lamb_exclude_biases": True, "lbfgs_memory": 5, "gradient_penalty": 0.5, "penalty_block": 8,
+           "inner_steps": 7,
            "outer_steps": 9, "batch_size": 64,
            "inner_loop": "compiled", "seed": 1, "dataset": "tfds", "data_dir": "elsewhere", "manual_dir": "zips",
            "synthetic_examples": 99, "image_size": 32, "train_examples": 10, "no_augment": True, "channels": (4,),
@@ -97,7 +98,7 @@ def test_a_resume_is_refused_on_a_change_of_any_field_that_defines_the_run_and_o
     # A definition saved before a flag existed means what the run computed then: the whole set as the batch, one
     # initialiser, and optax's epsilon (LAMB's default has changed since, so that older run is another run now).
     older = {key: value for key, value in checkpoint.run_definition(constant).items()
-             if key not in ("batch_size", "initialiser", "epsilon")}
+             if key not in ("batch_size", "initialiser", "epsilon", "lbfgs_memory")}
     optax_epsilon = dataclasses.replace(constant, epsilon=1e-6)
     assert constant.optimiser == "lamb" and checkpoint.differences(older, optax_epsilon) == []
     assert checkpoint.differences(older, constant) == ["--epsilon 1e-06 -> 3.125e-08"]
@@ -105,6 +106,10 @@ def test_a_resume_is_refused_on_a_change_of_any_field_that_defines_the_run_and_o
         "--batch-size None -> 64"]
     assert checkpoint.differences(older, dataclasses.replace(optax_epsilon, initialiser="haiku")) == [
         "--initialiser 'flax' -> 'haiku'"]
+    lbfgs = config.Config(dataset="synthetic", optimiser="lbfgs")  # before --lbfgs-memory: optax's 10 pairs
+    older = {k: v for k, v in checkpoint.run_definition(lbfgs).items() if k != "lbfgs_memory"}
+    assert checkpoint.differences(older, lbfgs) == []
+    assert checkpoint.differences(older, dataclasses.replace(lbfgs, lbfgs_memory=5)) == ["--lbfgs-memory 10 -> 5"]
 
 
 def test_the_target_counts_as_reached_at_exactly_its_accuracy():

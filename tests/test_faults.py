@@ -82,8 +82,8 @@ def test_the_later_optimisers_resume_bit_for_bit_and_their_inner_loops_agree(tmp
 
 def test_an_lbfgs_run_whose_line_search_finds_no_decrease_stops_with_exit_code_3(tmp_path, capsys):
     """A first trial step 1e30 times the direction: no sufficient decrease within the line search's 20 halvings.
-    The run stops after its first outer loop, which is recorded and checkpointed (its params are finite), with
-    one line."""
+    The run stops after its first outer loop with one line; it is recorded, then marked diverged, and not
+    checkpointed: a re-run stops there again (after it, the line search makes no step and says nothing)."""
     with pytest.raises(SystemExit) as exit_info:
         train.main([*RUN, "--optimiser", "lbfgs", "--learning-rate", "1e30", "--outer-steps", "3",
                     "--output-dir", str(tmp_path)])
@@ -93,7 +93,9 @@ def test_an_lbfgs_run_whose_line_search_finds_no_decrease_stops_with_exit_code_3
     records = read_metrics(tmp_path)[1]
     assert [r["outer"] for r in records] == [1] and records[0]["line_search_failures"] == 1
     assert records[0]["evaluations"] == 3 + 20 + 1 + 1  # one a step; the failed search its limit of 20, then one each
-    assert latest_checkpoint(tmp_path)[0] == 1
+    assert read_metrics(tmp_path)[2] is None and json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])[
+        "diverged"]
+    assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
 
 
 def test_checkpoints_keep_the_latest_and_the_best(tmp_path):

@@ -149,13 +149,28 @@ def test_lamb_s_own_option_goes_to_the_plan_s_lamb_runs_only_and_every_run_is_ch
                              "--lamb-exclude-biases", *FIXED])[1]
     assert {(c.optimiser, c.lamb_exclude_biases) for c in (study.planned(base, e) for e in study.PLAN
                                                            if "optimiser" in e)} == {
-        ("lamb", True), ("adam", False), ("sgd", False)}
+        ("lamb", True), ("adam", False), ("sgd", False), ("muon", False), ("lbfgs", False)}
     monkeypatch.setattr(study, "PLAN", [{"optimiser": "lamb", "learning_rate": 1e-2},
                                         {"optimiser": "adam", "learning_rate": -1.0}])  # the second cannot run
     with pytest.raises(study.UsageError, match="--learning-rate must be positive"):
         study.run_study(*study.parse_args(["--pack", str(tmp_path / "p.jsonl"), "--output-dir", str(tmp_path),
                                            *FIXED]))
     assert not (tmp_path / "lamb-lr0.01-wd0-eps3.125e-08-warmup_cosine-s0").exists()  # refused before it trained
+
+
+def test_the_plan_runs_muon_and_lbfgs_after_the_blogs_three_and_lbfgs_only_where_the_flags_allow_it():
+    import sweep
+    base = study.parse_args(["--pack", "p.jsonl", "--output-dir", "runs", *FIXED])[1]
+    runs = [study.planned(base, entry) for entry in study.PLAN[:5]]
+    assert [c.optimiser for c in runs] == ["lamb", "adam", "sgd", "muon", "lbfgs"]
+    assert (runs[4].schedule, runs[4].warmup_steps, runs[4].learning_rate) == ("constant", 0, 1.0)  # its own step
+    assert runs[3].schedule == "warmup_cosine" and runs[3].learning_rate == study.DEFAULT_LEARNING_RATES["muon"]
+    for entry in study.PLAN:  # every run of the plan passes train.py's checks
+        if "optimiser" in entry:
+            sweep.at_home(study.planned(base, entry), "runs")
+    assert not any(study.not_for(base, entry) for entry in study.PLAN)
+    drawn = study.parse_args(["--pack", "p.jsonl", "--output-dir", "runs", "--batch-size", "64", *FIXED])[1]
+    assert [entry.get("optimiser") for entry in study.PLAN if study.not_for(drawn, entry)] == ["lbfgs"]
 
 
 def test_what_the_runs_programs_refuse_is_refused_before_the_first_run_makes_its_folder(tmp_path):
