@@ -49,6 +49,18 @@ def test_the_program_key_covers_everything_build_programs_reads(backend_choices)
     assert set(train.PROGRAM_FIELDS) <= {f.name for f in dataclasses.fields(config.Config)}
 
 
+def test_an_lbfgs_run_s_programs_keep_its_number_of_curvature_pairs():
+    import optax
+    from optimisers import create_state
+    images = np.zeros((jax.local_device_count(), 4, 8, 8, 3), np.uint8)
+    batch = parallel.on_devices(images, np.zeros(images.shape[:2], np.int32), np.ones(images.shape[:2], np.float32))
+    run = config.Config(dataset="synthetic", channels=(4,), dense=4, optimiser="lbfgs", lbfgs_memory=3)
+    programs = train.build_programs(run, Prepared(batch, batch, 32, 32, 1, 10, 32))
+    state = create_state(programs.model, programs.optimiser, 0, programs.image_shape)
+    memory = optax.tree_utils.tree_get(state.opt_state, "diff_params_memory")
+    assert {leaf.shape[0] for leaf in jax.tree.leaves(memory)} == {3}
+
+
 def test_a_config_is_frozen_and_resolves_the_optimisers_default_rate():
     c = config.parse(["--optimiser", "sgd"])
     assert c.learning_rate == config.DEFAULT_LEARNING_RATES["sgd"] and c.channels == (32, 64, 128, 256)

@@ -83,19 +83,27 @@ def test_the_later_optimisers_resume_bit_for_bit_and_their_inner_loops_agree(tmp
 def test_an_lbfgs_run_whose_line_search_finds_no_decrease_stops_with_exit_code_3(tmp_path, capsys):
     """A first trial step 1e30 times the direction: no sufficient decrease within the line search's 20 halvings.
     The run stops after its first outer loop with one line; it is recorded, then marked diverged, and not
-    checkpointed: a re-run stops there again (after it, the line search makes no step and says nothing)."""
+    checkpointed, so a resume redoes it (after a failure the line search makes no step and says nothing)."""
     with pytest.raises(SystemExit) as exit_info:
         train.main([*RUN, "--optimiser", "lbfgs", "--learning-rate", "1e30", "--outer-steps", "3",
                     "--output-dir", str(tmp_path)])
     assert exit_info.value.code == 3
     message = [line for line in capsys.readouterr().err.splitlines() if "line search" in line]
     assert len(message) == 1 and "found no sufficient decrease in 1 of the 3 steps of outer loop 1 " in message[0]
-    records = read_metrics(tmp_path)[1]
-    assert [r["outer"] for r in records] == [1] and records[0]["line_search_failures"] == 1
+    records = read_metrics(tmp_path)[1]  # the outer loop's record, then the line marking it diverged
+    assert [(r["outer"], bool(r.get("diverged"))) for r in records] == [(1, False), (1, True)]
+    assert records[0]["line_search_failures"] == 1 == records[1]["line_search_failures"]
     assert records[0]["evaluations"] == 3 + 20 + 1 + 1  # one a step; the failed search its limit of 20, then one each
-    assert read_metrics(tmp_path)[2] is None and json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])[
-        "diverged"]
+    assert read_metrics(tmp_path)[2] is None
     assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
+
+
+def test_an_lbfgs_line_search_short_of_a_decrease_in_the_last_outer_loop_is_divergence_too(tmp_path):
+    """Nothing is left to train there, but its steps after the failure went nowhere: no summary, exit 3."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*RUN, "--optimiser", "lbfgs", "--learning-rate", "1e30", "--outer-steps", "1",
+                    "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 3 and read_metrics(tmp_path)[2] is None
 
 
 def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
@@ -391,6 +399,8 @@ def test_an_update_that_blows_up_the_params_is_caught_in_its_own_outer_loop(tmp_
     assert (tmp_path / "curves.png").exists()  # drawn as the diverged run's log closed
     header, records, _ = read_metrics(tmp_path)
     assert [r["outer"] for r in records] == [1, 2] and records[-1].get("diverged")
+    # One whole-set step an outer loop: its |G|^2 is the step's gradient norm squared (train.py's slice of SUMS).
+    assert records[0]["gradient_square"] == pytest.approx(records[0]["gradient_norm"] ** 2, rel=1e-5)
     best_params = flax.serialization.msgpack_restore((tmp_path / "best_params.msgpack").read_bytes())
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(best_params))
     model = ConvNet(channels=(8, 16), dense=16, conv=header["conv"])  # the run's formulation: its rounding

@@ -23,10 +23,11 @@ def small_problem(n, seed=0):
     return split, model, model.init(jax.random.PRNGKey(seed), split.images[:1])["params"]
 
 
-def mean_loss(model, images, labels):
+def mean_loss(model, images, labels, label_smoothing=0.0):
     def loss(params):
         logits = model.apply({"params": params}, images)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+        return optax.softmax_cross_entropy(logits, targets).mean()
     return jax.jit(loss)
 
 
@@ -89,19 +90,22 @@ def lbfgs_state(model, params, memory=10):
     return optimisers.with_hyperparams(state, config.Config(optimiser="lbfgs")).replace(params=params)
 
 
-@pytest.mark.parametrize("devices", [1, 8])
-def test_lbfgs_steps_equal_optax_lbfgs_driven_directly_on_the_whole_batch(devices):
+@pytest.mark.parametrize("devices,smoothing", [(1, 0.3), (8, 0.0)])
+def test_lbfgs_steps_equal_optax_lbfgs_driven_directly_on_the_whole_batch(devices, smoothing):
     """4 L-BFGS steps of the project's step (13 examples padded over the devices, a gradient chunk of 1
     example, the line search's evaluations chunked and all-reduced the same way) against optax.lbfgs with
-    its zoom line search on the plain mean loss on one device, and the evaluations each step reports
-    against those its line search counted. A line search whose evaluations differed per device would hang
-    at its all-reduce: the pmapped step is given a time limit (the suite's CPU collectives wait minutes)."""
+    its zoom line search on the mean loss (label-smoothed in the 1-device case: the line search's loss must be
+    the step's) on one device, and the evaluations each step reports
+    against those its line search counted. (A line search whose evaluations differed per device would hang at
+    its all-reduce: the test below checks directly that every device's line search gets the global gradient.)"""
     split, model, params = small_problem(13)
     state = flax.jax_utils.replicate(lbfgs_state(model, params), devices=jax.devices()[:devices])
     batch = data.pad_and_shard(split, devices, -(-13 // devices))  # (devices, per_device, ...): pmap places them
     step = jax.pmap(functools.partial(steps.observed_step, example_count=13.0, population=13.0, microbatch=1,
-                                      line_search=True), axis_name=parallel.AXIS, devices=jax.devices()[:devices])
-    loss_fn = mean_loss(model, split.images, split.labels)
+                                      line_search=True, label_smoothing=smoothing), axis_name=parallel.AXIS,
+                    devices=jax.devices()[:devices])
+    loss_fn = mean_loss(model, split.images, split.labels, smoothing)  # the line search's loss is the step's own
+    kinds = [(leaf.shape, leaf.dtype, jax.typeof(leaf).weak_type) for leaf in jax.tree.leaves(state)]
     reference, expected = optax.lbfgs(memory_size=10), params
     reference_state = reference.init(expected)
     sums = np.zeros((devices, len(steps.SUMS)), np.float32)
@@ -115,6 +119,9 @@ def test_lbfgs_steps_equal_optax_lbfgs_driven_directly_on_the_whole_batch(device
         searched = int(optax.tree_utils.tree_get(reference_state, "num_linesearch_steps"))
         assert statistics["last_sums"][:, 2].tolist() == [1 + searched] * devices
         assert statistics["last_sums"][:, 3].tolist() == [0] * devices  # each found a sufficient decrease
+        # The state comes out typed as it went in (weak types included), so the step compiles once, not twice.
+        assert [(leaf.shape, leaf.dtype, jax.typeof(leaf).weak_type) for leaf in jax.tree.leaves(state)] == kinds
+    assert state.step.tolist() == [4] * devices
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=2e-4, atol=2e-6), state.params, expected)
     assert float(loss_fn(expected)) < 0.95 * float(loss_fn(params))  # it moved: 4 steps that did nothing would fail
     for leaf in jax.tree.leaves(state.params):  # the same params on every device
@@ -132,3 +139,23 @@ def test_a_line_search_that_finds_no_decrease_is_reported_as_such():
                                       line_search=True), axis_name=parallel.AXIS)
     statistics = step(state, *batch, np.zeros((8, len(steps.SUMS)), np.float32))[2]
     assert statistics["last_sums"][0, 3] == 1 and statistics["last_sums"][0, 2] > 2  # it tried, and fell short
+
+
+def test_the_line_search_s_loss_and_gradient_are_the_global_smoothed_ones_on_every_device_chunk_by_chunk():
+    """whole_set_loss under pmap on 8 devices (13 examples, chunks of 1): every device gets the global mean loss
+    and gradient, with the step's label smoothing (a backward pass returning each device's own gradient once
+    passed the 8-device L-BFGS test above), evaluated chunk by chunk (a scan), as the step's own is."""
+    split, model, params = small_problem(13)
+    batch = data.pad_and_shard(split, 8, 2)
+
+    def value_and_grad(params, images, labels, mask):
+        value = steps.whole_set_loss(model.apply, images, labels, mask, example_count=13.0, microbatch=1,
+                                     label_smoothing=0.3)
+        return jax.value_and_grad(value)(params)
+    mapped = jax.pmap(value_and_grad, axis_name=parallel.AXIS, in_axes=(None, 0, 0, 0))
+    assert "scan" in str(jax.make_jaxpr(mapped)(params, *batch))
+    loss, grads = mapped(params, *batch)
+    value, expected = jax.value_and_grad(mean_loss(model, split.images, split.labels, 0.3))(params)
+    np.testing.assert_allclose(loss, np.full(8, value), rtol=1e-5)
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(g, np.broadcast_to(e, g.shape), rtol=1e-4, atol=1e-7),
+                 grads, expected)
