@@ -27,7 +27,7 @@ import jax
 
 import sweep
 import train
-from config import DEFAULT_LEARNING_RATES, Config, check_output
+from config import DEFAULT_LEARNING_RATES, Config, check_line_search, check_output
 from config import parse as parse_config
 from config import parser
 from errors import DataError, Diverged, Interrupted, PeerError, UsageError, exit_on_failure
@@ -124,10 +124,15 @@ PLANNED = ("--optimiser", "--learning-rate", "--schedule", "--warmup-steps", "--
 
 
 def not_for(base: Config, entry: dict) -> str | None:
-    """Why the command's fixed flags rule out a run of the plan (None: they do not): L-BFGS takes neither a drawn
-    batch nor a gradient penalty. Such a run is skipped, said, and the rest of the plan runs."""
-    if entry.get("optimiser") == "lbfgs" and (base.batch_size or base.gradient_penalty):
-        return "lbfgs takes the whole set as its batch and the plain loss: not with --batch-size or --gradient-penalty"
+    """Why the command's fixed flags rule out a run of the plan (None: they do not): L-BFGS's own refusals
+    (config.check_line_search: no drawn batch, no gradient penalty). Such a run is skipped, said, and the rest
+    of the plan runs; any other bad value is refused as train.py refuses it."""
+    if entry.get("optimiser") != "lbfgs":
+        return None
+    try:
+        check_line_search(planned(base, entry))
+    except UsageError as error:
+        return str(error)
     return None
 
 
