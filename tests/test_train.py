@@ -256,8 +256,9 @@ def test_training_is_the_same_on_one_and_on_eight_devices(tmp_path):
 
 
 def test_a_bfloat16_run_learns_end_to_end_and_its_best_params_give_its_best_accuracy(tmp_path, capsys):
-    train.main([*SMALL, "--synthetic-examples", "500", "--inner-steps", "10", "--outer-steps", "3", "--optimiser",
-                "adam", "--learning-rate", "0.03", "--dtype", "bfloat16", "--output-dir", str(tmp_path)])
+    argv = [*SMALL, "--synthetic-examples", "500", "--inner-steps", "10", "--outer-steps", "3", "--optimiser", "adam",
+            "--learning-rate", "0.03", "--dtype", "bfloat16", "--output-dir", str(tmp_path)]
+    train.main(argv)
     assert "\nnote: bfloat16 on a CPU runs about 3x slower than float32" in capsys.readouterr().out
     header, records, summary = read_metrics(tmp_path)
     assert header["config"]["dtype"] == "bfloat16" and records[-1]["loss"] < records[0]["loss"]
@@ -266,8 +267,17 @@ def test_a_bfloat16_run_learns_end_to_end_and_its_best_params_give_its_best_accu
     model = ConvNet(channels=(8, 16), dense=16, dtype=jnp.bfloat16, conv=header["conv"])
     template = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3), jnp.uint8))["params"]
     best_params = flax.serialization.from_bytes(template, (tmp_path / "best_params.msgpack").read_bytes())
+    # Exactly, through the run's own evaluator (its devices, shards and chunks): on a CPU with AMX, bfloat16 dots
+    # round by the shape of the work, so a one-device forward of all 50 images can flip an image (measured: 0.78
+    # against the run's 0.80). That plain recount must still agree to within two images.
+    run_config = config.parse(argv)
+    shared = train.Shared(run_config)
+    score = train.accuracies(run_config, shared.prepared(), shared.programs_for(run_config),
+                             flax.jax_utils.replicate(best_params))
+    best = summary["best"]["validation_accuracy"]
+    assert score["validation_correct"] / shared.prepared().val_count == best
     validation = data.load_synthetic("validation", 500, 16, 0, 1)
-    assert accuracy(model, best_params, validation) == summary["best"]["validation_accuracy"]
+    assert abs(accuracy(model, best_params, validation) - best) <= 2 / len(validation.labels) + 1e-9
 
 
 @pytest.mark.parametrize("argv,message", [
