@@ -37,7 +37,7 @@ def draw(path: str, points: dict[str, list[tuple[int, float]]], models: dict[str
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    colours = {"lamb": "tab:blue", "adam": "tab:orange", "sgd": "tab:green"}
+    colours = {"lamb": "tab:blue", "adam": "tab:orange", "sgd": "tab:green", "muon": "tab:purple"}
     figure, (steps_axes, images_axes) = plt.subplots(1, 2, figsize=(13, 4.8))
     for name, measured in points.items():
         colour, model = colours.get(name, "tab:gray"), models.get(name)

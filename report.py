@@ -29,6 +29,7 @@ FULL_SCALE = "h100-lamb-bf16-fullscale"
 STUDY = "gpu-study"  # study.py's pack (and bench JSON) from a lent accelerator
 EPSILON, BATCH = "cpu-epsilon-256x8", "cpu-batch-256x8"
 CRITICAL = "cpu-batch-full"  # steps to a target against batch size on all 21,600 training images
+CRITICAL_FINE = "cpu-batch-full-muon"  # the same for Muon, checked more often: it reaches the target in ~100 steps
 REGULARISED = "cpu-regularisers-256x8"  # the regularisers of a whole-set batch, each alone and combined
 REGULARISED_LONG = "cpu-regularisers-long-256x8"  # the same over 300 steps, where Adam fits its images exactly
 LATER = ("cpu-muon-256x8", "cpu-lbfgs-256x8")  # Muon and L-BFGS at section 1's scale, beside its three
@@ -527,8 +528,8 @@ def critical_batch_block(runs: list[dict], folder: str, whole_set_runs: list[dic
     crossings = [(rate, crossing) for rate, crossing in crossings if crossing]
     whole = min(crossings, key=lambda c: c[1][1]) if crossings else None
     lines = [f"Scale: all {first['header']['train_examples']:,} training images x 8 = {examples:,} examples to draw "
-             f"from, the whole {first['header']['validation_examples']:,}-image validation split, a check every "
-             f"{first['config']['inner_steps']} steps; target {target}; seed 0; {device_text(first, folder)}. Steps "
+             f"from, the whole {first['header']['validation_examples']:,}-image validation split, "
+             f"{checks_text(runs)}; target {target}; seed 0; {device_text(first, folder)}. Steps "
              "to the target are the first check at or above it; B_simple (in examples: images x 8, the unit of "
              "--batch-size) is pooled over the outer loops from 0.05 below the target to reaching it.", "",
              table(["optimiser", "batch size", "rates tried ((no): not reached)", "best rate", "steps to target",
@@ -551,6 +552,17 @@ def critical_batch_block(runs: list[dict], folder: str, whole_set_runs: list[dic
                         ("lamb", *whole[1]) if whole else None)
     return lines + ["", f"![steps and examples to the target against batch size, with the fit]({folder}/"
                         "critical_batch.png)"]
+
+
+def checks_text(runs: list[dict]) -> str:
+    """How often the runs were checked: the commonest interval, and each optimiser's own where it differs."""
+    intervals = {}
+    for run in runs:
+        intervals.setdefault(run["config"]["inner_steps"], set()).add(run["config"]["optimiser"])
+    common = max(intervals, key=lambda steps: (len(intervals[steps]), steps))
+    others = [f"{', '.join(sorted(names))} every {steps}" for steps, names in sorted(intervals.items())
+              if steps != common]
+    return f"a check every {common} steps" + (f" ({'; '.join(others)})" if others else "")
 
 
 def seconds_per_step(run: dict) -> float | None:
@@ -812,7 +824,7 @@ def blocks(root: str) -> dict[str, tuple[str, list[str]]]:
     made["regularisers-long"] = ("Regularising a whole-set batch over 300 steps (reduced scale)",
                                  regularisers_block(long_runs, f"{root}/{REGULARISED_LONG}") if long_runs else
                                  Placeholder([f"No runs under {root}/{REGULARISED_LONG} yet."]))
-    critical_runs = load_runs(os.path.join(root, CRITICAL))
+    critical_runs = load_runs(os.path.join(root, CRITICAL)) + load_runs(os.path.join(root, CRITICAL_FINE))
     if critical_runs:
         made["critical-batch"] = ("The critical batch on the full training set",
                                   critical_batch_block(critical_runs, f"{root}/{CRITICAL}", full_runs))

@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 
+import critical_batch
 import report
 
 
@@ -288,7 +289,6 @@ def test_a_run_recorded_before_the_rule_whose_finite_loss_blew_up_reads_as_diver
 
 
 def test_the_empirical_model_is_recovered_from_steps_that_follow_it():
-    import critical_batch
     batches = [32, 64, 128, 256, 512]
     model = critical_batch.fit(batches, [300 * (1 + 150 / b) for b in batches])
     assert model["s_min"] == pytest.approx(300, rel=1e-3) and model["b_crit"] == pytest.approx(150, rel=1e-3)
@@ -301,16 +301,16 @@ def test_the_empirical_model_is_recovered_from_steps_that_follow_it():
     assert critical_batch.steps_at({"s_min": 300.0, "b_crit": 150.0}, 30) == 1800.0
 
 
-def write_batch_run(folder, optimiser, rate, batch, accuracies, noise):
-    """A --batch-size run checked every 40 steps, with its noise figures per record (tr(Sigma), |G|^2)."""
+def write_batch_run(folder, optimiser, rate, batch, accuracies, noise, inner=40):
+    """A --batch-size run checked every `inner` steps, with its noise figures per record (tr(Sigma), |G|^2)."""
     name = f"{optimiser}-lr{rate:g}-b{batch}"
     os.makedirs(folder / name)
     config = {"optimiser": optimiser, "learning_rate": rate, "weight_decay": 0.0, "momentum": 0.9, "seed": 0,
-              "schedule": "constant", "warmup_steps": 0, "inner_steps": 40, "outer_steps": 50, "batch_size": batch,
+              "schedule": "constant", "warmup_steps": 0, "inner_steps": inner, "outer_steps": 50, "batch_size": batch,
               "train_examples": None, "dtype": "float32", "dataset": "folder", "data_dir": "E", "target_accuracy": 0.7}
     header = {"config": config, "devices": 2, "backend": "cpu", "train_examples": 21600, "validation_examples": 2700,
               "examples_per_step": batch, "jax": "0"}
-    records = [{"outer": i + 1, "step": 40 * (i + 1), "loss": 1.0, "validation_accuracy": a, "noise_trace": t,
+    records = [{"outer": i + 1, "step": inner * (i + 1), "loss": 1.0, "validation_accuracy": a, "noise_trace": t,
                 "gradient_square": g} for i, (a, (t, g)) in enumerate(zip(accuracies, noise))]
     lines = [header, *records, {"summary": {}}]
     (folder / name / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
@@ -329,6 +329,9 @@ def test_the_critical_batch_block_fits_the_best_rate_per_batch_size_and_pools_th
     path.write_text(path.read_text().replace('"step": 80, "loss": 1.0', '"step": 80, "loss": 3e12'))
     write_batch_run(folder, "adam", 0.001, 256, [0.5, 0.66, 0.7, 0.7], noise)
     write_batch_run(folder, "adam", 0.001, 1024, [0.66, 0.7, 0.7, 0.7], noise)
+    # Muon from its own folder, checked every 10 steps: 40, 30 and 20 steps to 0.7
+    for batch, accuracies in [(64, [0.5, 0.6, 0.66, 0.71]), (256, [0.5, 0.66, 0.7, 0.7]), (1024, [0.66, 0.7])]:
+        write_batch_run(results / report.CRITICAL_FINE, "muon", 0.02, batch, accuracies, noise, inner=10)
     full = results / report.FULL_SCALE
     # Whole-set runs checked every 10 steps; the fastest to 0.7 is neither the first nor the last by name or
     # rate, nor the one of highest accuracy (1e-2), nor the slowest (7e-3); 9e-3 never gets there.
@@ -341,11 +344,14 @@ def test_the_critical_batch_block_fits_the_best_rate_per_batch_size_and_pools_th
     assert "| adam | 64 | 0.001, 0.003 (no), 0.01 (no, diverged) | 0.001 | 160 | 10,240 |" in text
     assert "| adam | 256 | 0.001 | 0.001 | 120 | 30,720 |" in text
     assert "| adam | 1,024 | 0.001 | 0.001 | 80 | 81,920 |" in text
+    assert "validation split, a check every 40 steps (muon every 10); target 0.7;" in text
+    assert "| muon | 64 | 0.02 | 0.02 | 40 | 2,560 |" in text and "| muon | 1,024 | 0.02 | 0.02 | 20 | 20,480 |" in text
+    muon = critical_batch.fit([64, 256, 1024], [40, 30, 20])
+    assert f"| muon | {muon['s_min']:,.0f} | {muon['b_crit']:,.0f} (" in text
     # B_simple (examples: tr(Sigma) per example over |G|^2) at the target: the outer loops from the first at >= 0.65
     # to the first at >= 0.7, pooled: b64 alone (loops 3, 4): (500 + 700) / (1 + 1) = 600.
     row = next(line for line in text.splitlines() if line.startswith("| adam | 64 |"))
     assert row.endswith("| 600 |")
-    import critical_batch
     model = critical_batch.fit([64, 256, 1024], [160, 120, 80])
     fit_row = next(line for line in text.splitlines() if line.startswith("| adam | ") and "images)" in line)
     assert fit_row.startswith(f"| adam | {model['s_min']:,.0f} | {model['b_crit']:,.0f} (")
