@@ -506,17 +506,23 @@ def critical_batch_block(runs: list[dict], folder: str, whole_set_runs: list[dic
             groups.setdefault((c["optimiser"], c["batch_size"]), []).append(run)
     rows, points, fitted, noise = [], {}, {}, {}
     for (optimiser, batch), members in sorted(groups.items()):
-        steps = {m["config"]["learning_rate"]: first_step(m, target) for m in members}
+        seeds = {}
+        for member in members:
+            seeds.setdefault(member["config"]["learning_rate"], []).append(first_step(member, target))
+        # A rate's steps: the median over its seeds, where every seed reached the target.
+        steps = {rate: statistics.median(s) if None not in s else None for rate, s in seeds.items()}
         diverged = {m["config"]["learning_rate"] for m in members if m["status"] == "diverged"}
         reached = {rate: step for rate, step in steps.items() if step is not None}
         best = min(reached, key=reached.get) if reached else None
         at_target = noise_at([m for m in members if first_step(m, target) is not None], target)
         marks = {rate: [word for word, mark in (("no", steps[rate] is None), ("diverged", rate in diverged)) if mark]
                  for rate in steps}
+        spread = f" ({len(seeds[best])} seeds: {min(seeds[best]):,} - {max(seeds[best]):,})" \
+            if best and len(seeds[best]) > 1 else ""
         rows.append([optimiser, f"{batch:,}", ", ".join(f"{r:g}" + (f" ({', '.join(marks[r])})" if marks[r] else "")
                                                        for r in sorted(steps)),
-                     f"{best:g}" if best else "none reached", f"{reached[best]:,}" if best else "",
-                     f"{reached[best] * batch:,}" if best else "", f"{at_target:,.0f}" if at_target else ""])
+                     f"{best:g}" if best else "none reached", f"{reached[best]:,g}{spread}" if best else "",
+                     f"{reached[best] * batch:,.0f}" if best else "", f"{at_target:,.0f}" if at_target else ""])
         if best:
             points.setdefault(optimiser, []).append((batch, reached[best]))
     for optimiser, measured in points.items():
@@ -529,8 +535,9 @@ def critical_batch_block(runs: list[dict], folder: str, whole_set_runs: list[dic
     whole = min(crossings, key=lambda c: c[1][1]) if crossings else None
     lines = [f"Scale: all {first['header']['train_examples']:,} training images x 8 = {examples:,} examples to draw "
              f"from, the whole {first['header']['validation_examples']:,}-image validation split, "
-             f"{checks_text(runs)}; target {target}; seed 0; {device_text(first, folder)}. Steps "
-             "to the target are the first check at or above it; B_simple (in examples: images x 8, the unit of "
+             f"{checks_text(runs)}; target {target}; {seeds_text(runs)}; {device_text(first, folder)}. Steps "
+             "to the target are the first check at or above it (over several seeds their median, where every seed "
+             "reached it); B_simple (in examples: images x 8, the unit of "
              "--batch-size) is pooled over the outer loops from 0.05 below the target to reaching it.", "",
              table(["optimiser", "batch size", "rates tried ((no): not reached)", "best rate", "steps to target",
                     "examples to target", "B_simple there"], rows), ""]
@@ -563,6 +570,18 @@ def checks_text(runs: list[dict]) -> str:
     others = [f"{', '.join(sorted(names))} every {steps}" for steps, names in sorted(intervals.items())
               if steps != common]
     return f"a check every {common} steps" + (f" ({'; '.join(others)})" if others else "")
+
+
+def seeds_text(runs: list[dict]) -> str:
+    """The seeds of the runs: seed 0 alone, or which optimisers ran more."""
+    seeds = {}
+    for run in runs:
+        seeds.setdefault(run["config"]["optimiser"], set()).add(run["config"]["seed"])
+    more = sorted(name for name, used in seeds.items() if len(used) > 1)
+    every = sorted(set().union(*seeds.values()))
+    if not more:
+        return f"seed {', '.join(map(str, every))}"
+    return f"seed 0 ({', '.join(more)}: seeds {', '.join(map(str, every))} where the row says)"
 
 
 def seconds_per_step(run: dict) -> float | None:
