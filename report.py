@@ -535,9 +535,9 @@ def critical_batch_block(runs: list[dict], folder: str, whole_set_runs: list[dic
     whole = min(crossings, key=lambda c: c[1][1]) if crossings else None
     lines = [f"Scale: all {first['header']['train_examples']:,} training images x 8 = {examples:,} examples to draw "
              f"from, the whole {first['header']['validation_examples']:,}-image validation split, "
-             f"{checks_text(runs)}; target {target}; {seeds_text(runs)}; {device_text(first, folder)}. Steps "
-             "to the target are the first check at or above it (over several seeds their median, where every seed "
-             "reached it); B_simple (in examples: images x 8, the unit of "
+             f"{checks_text(runs)}; target {target}; {seeds_text(runs)}; {device_text(first, folder)}. Steps to the "
+             "target are the first check at or above it (over several seeds their median, where every seed reached "
+             "it: the column gives their count and range); B_simple (in examples: images x 8, the unit of "
              "--batch-size) is pooled over the outer loops from 0.05 below the target to reaching it.", "",
              table(["optimiser", "batch size", "rates tried ((no): not reached)", "best rate", "steps to target",
                     "examples to target", "B_simple there"], rows), ""]
@@ -561,27 +561,35 @@ def critical_batch_block(runs: list[dict], folder: str, whole_set_runs: list[dic
                         "critical_batch.png)"]
 
 
-def checks_text(runs: list[dict]) -> str:
-    """How often the runs were checked: the commonest interval, and each optimiser's own where it differs."""
-    intervals = {}
+def value_sets(runs: list[dict], key: str) -> tuple[tuple, list[tuple[tuple, list[str]]]]:
+    """The values of a config key the runs used, per optimiser: the set most optimisers share, and each other
+    set with the optimisers that used it."""
+    used = {}
     for run in runs:
-        intervals.setdefault(run["config"]["inner_steps"], set()).add(run["config"]["optimiser"])
-    common = max(intervals, key=lambda steps: (len(intervals[steps]), steps))
-    others = [f"{', '.join(sorted(names))} every {steps}" for steps, names in sorted(intervals.items())
-              if steps != common]
-    return f"a check every {common} steps" + (f" ({'; '.join(others)})" if others else "")
+        used.setdefault(run["config"]["optimiser"], set()).add(run["config"][key])
+    sharing = {}
+    for optimiser, values in sorted(used.items()):
+        sharing.setdefault(tuple(sorted(values)), []).append(optimiser)
+    common = max(sharing, key=lambda values: (len(sharing[values]), -len(values), values))  # a tie: fewer values
+    return common, sorted(((values, names) for values, names in sharing.items() if values != common),
+                          key=lambda pair: pair[1])
+
+
+def checks_text(runs: list[dict]) -> str:
+    """How often the runs were checked: "a check every 40 steps (muon every 10)"."""
+    common, others = value_sets(runs, "inner_steps")
+    every = " or ".join
+    text = "; ".join(f"{', '.join(names)} every {every(map(str, values))}" for values, names in others)
+    return f"a check every {every(map(str, common))} steps" + (f" ({text})" if text else "")
 
 
 def seeds_text(runs: list[dict]) -> str:
-    """The seeds of the runs: seed 0 alone, or which optimisers ran more."""
-    seeds = {}
-    for run in runs:
-        seeds.setdefault(run["config"]["optimiser"], set()).add(run["config"]["seed"])
-    more = sorted(name for name, used in seeds.items() if len(used) > 1)
-    every = sorted(set().union(*seeds.values()))
-    if not more:
-        return f"seed {', '.join(map(str, every))}"
-    return f"seed 0 ({', '.join(more)}: seeds {', '.join(map(str, every))} where the row says)"
+    """The seeds of the runs: "seed 0 (muon: seeds 0, 1, 2)"."""
+    common, others = value_sets(runs, "seed")
+    def seeds(values):
+        return f"seed{'s' * (len(values) > 1)} {', '.join(map(str, values))}"
+    text = "; ".join(f"{', '.join(names)}: {seeds(values)}" for values, names in others)
+    return seeds(common) + (f" ({text})" if text else "")
 
 
 def seconds_per_step(run: dict) -> float | None:
@@ -843,10 +851,11 @@ def blocks(root: str) -> dict[str, tuple[str, list[str]]]:
     made["regularisers-long"] = ("Regularising a whole-set batch over 300 steps (reduced scale)",
                                  regularisers_block(long_runs, f"{root}/{REGULARISED_LONG}") if long_runs else
                                  Placeholder([f"No runs under {root}/{REGULARISED_LONG} yet."]))
-    critical_runs = load_runs(os.path.join(root, CRITICAL)) + load_runs(os.path.join(root, CRITICAL_FINE))
-    if critical_runs:
+    coarse, fine = load_runs(os.path.join(root, CRITICAL)), load_runs(os.path.join(root, CRITICAL_FINE))
+    if coarse or fine:  # its plot goes with the first folder that has runs
         made["critical-batch"] = ("The critical batch on the full training set",
-                                  critical_batch_block(critical_runs, f"{root}/{CRITICAL}", full_runs))
+                                  critical_batch_block(coarse + fine, f"{root}/{CRITICAL if coarse else CRITICAL_FINE}",
+                                                       full_runs))
     later = {name: load_runs(os.path.join(root, name)) for name in LATER}
     later_runs = [run for runs in later.values() for run in runs]
     home = next((f"{root}/{name}" for name, runs in later.items() if runs), None)  # its plot goes there

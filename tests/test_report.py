@@ -350,7 +350,7 @@ def test_the_critical_batch_block_fits_the_best_rate_per_batch_size_and_pools_th
     assert "| adam | 64 | 0.001, 0.003 (no), 0.01 (no, diverged) | 0.001 | 160 | 10,240 |" in text
     assert "| adam | 256 | 0.001 | 0.001 | 120 | 30,720 |" in text
     assert "| adam | 1,024 | 0.001 | 0.001 | 80 | 81,920 |" in text
-    assert "validation split, a check every 40 steps (muon every 10); target 0.7; seed 0 (muon: seeds 0, 1, 2 " in text
+    assert "validation split, a check every 40 steps (muon every 10); target 0.7; seed 0 (muon: seeds 0, 1, 2);" in text
     assert "| muon | 64 | 0.02, 0.06 (no) | 0.02 | 40 (3 seeds: 30 - 50) | 2,560 |" in text
     assert "| muon | 1,024 | 0.02 | 0.02 | 20 | 20,480 |" in text
     muon = critical_batch.fit([64, 256, 1024], [40, 30, 20])
@@ -369,6 +369,41 @@ def test_the_critical_batch_block_fits_the_best_rate_per_batch_size_and_pools_th
     assert ("best rate, 0.005, first reached 0.7 at step 20 (after step 10); the others: 0.0025 at step 40, 0.007 at "
             "step 50, 0.01 at step 30.") in text
     assert (folder / "critical_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def reaching(checks):
+    """Validation accuracies that first reach 0.7 at the given check."""
+    return [0.6] * (checks - 1) + [0.71]
+
+
+def test_a_critical_batch_point_over_an_even_number_of_seeds_is_their_median_and_pools_every_seeds_noise(tmp_path):
+    """Only the fine folder holds runs: the block stands on it (its plot goes there)."""
+    results = tmp_path / "results"
+    write_run(results / report.SWEEP, "lamb-s0", "lamb", 0.01, 0, [0.3, 0.5])
+    fine, noise = results / report.CRITICAL_FINE, [(100.0, 1.0)] * 30
+    for seed, checks in enumerate([13, 14, 20, 27]):  # checked every 5: 65, 70, 100, 135 steps -> 85 (mean 92.5)
+        write_batch_run(fine, "muon", 0.02, 64, reaching(checks), noise, inner=5, seed=seed)
+    for seed, checks in enumerate([13, 14]):  # 65, 70 -> 67.5
+        write_batch_run(fine, "muon", 0.02, 256, reaching(checks), noise, inner=5, seed=seed)
+    # B_simple at 1024 pools both seeds' last two loops: (100 + 300 + 500 + 700) / 4 = 400 (seed 0 alone: 200)
+    for seed, pair in enumerate([[(100.0, 1.0), (300.0, 1.0)], [(500.0, 1.0), (700.0, 1.0)]]):
+        write_batch_run(fine, "muon", 0.02, 1024, [0.66, 0.71], pair, inner=5, seed=seed)
+    report.main(["--results", str(results), "--out", str(tmp_path / "R.md")])
+    text = (tmp_path / "R.md").read_text()
+    assert "| muon | 64 | 0.02 | 0.02 | 85 (4 seeds: 65 - 135) | 5,440 |" in text
+    assert "| muon | 256 | 0.02 | 0.02 | 67.5 (2 seeds: 65 - 70) | 17,280 |" in text
+    assert "| muon | 1,024 | 0.02 | 0.02 | 10 (2 seeds: 10 - 10) | 10,240 | 400 |" in text
+    assert "a check every 5 steps; target 0.7; seeds 0, 1, 2, 3;" in text
+    assert (fine / "critical_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_scale_line_gives_each_optimiser_its_own_seeds_and_check_intervals():
+    def run(optimiser, seed, inner=40):
+        return {"config": {"optimiser": optimiser, "seed": seed, "inner_steps": inner}}
+    runs = [run("adam", 0), run("adam", 1, 10), run("lamb", 0), run("sgd", 0), *(run("muon", s, 10) for s in (0, 1, 2))]
+    assert report.seeds_text(runs) == "seed 0 (adam: seeds 0, 1; muon: seeds 0, 1, 2)"
+    assert report.checks_text(runs) == "a check every 40 steps (adam every 10 or 40; muon every 10)"
+    assert report.seeds_text([run("adam", 1), run("muon", 1), run("muon", 2)]) == "seed 1 (muon: seeds 1, 2)"
 
 
 def test_the_regularisers_blocks_group_seeds_by_optimiser_rate_and_regularisers_and_credit_an_average_its_own(

@@ -273,7 +273,7 @@ def test_a_bfloat16_run_learns_end_to_end_and_its_best_params_give_its_best_accu
     run_config = config.parse(argv)
     shared = train.Shared(run_config)
     score = train.accuracies(run_config, shared.prepared(), shared.programs_for(run_config),
-                             flax.jax_utils.replicate(best_params))
+                             parallel.replicate(best_params))
     best = summary["best"]["validation_accuracy"]
     assert score["validation_correct"] / shared.prepared().val_count == best
     validation = data.load_synthetic("validation", 500, 16, 0, 1)
